@@ -1,0 +1,177 @@
+"""Scalar metrics logging: one JSON line per step in `<logdir>/metrics.jsonl`, mirrored to TensorBoard.
+
+The JSONL file is the record of truth: it needs no TensorBoard to read, survives a killed process
+(each line is flushed as it is written) and a reopened writer appends to it, so a resumed run
+continues the same file. TensorBoard events go to `<logdir>/tb` via tensorboardX (no TensorFlow).
+
+Only one process should write a given logdir; on multi-host jobs construct the writer on
+`jax.process_index() == 0` only.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import sys
+import uuid
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import numpy as np
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+TB_DIR = "tb"
+
+
+def to_scalar(value: Any) -> Union[bool, int, float]:
+  """Python bool/int/float for a Python, numpy or jax scalar (0-d array); rejects anything else."""
+  # Python numbers first: np.asarray would turn an int beyond int64 into an object array.
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, int):
+    return int(value)
+  if isinstance(value, float):  # includes np.float64, a float subclass
+    return float(value)
+  arr = np.asarray(value)  # pulls jax arrays to host
+  if arr.ndim != 0:
+    raise ValueError(f"metric must be a scalar, got shape {arr.shape}")
+  if arr.dtype == np.bool_:
+    return bool(arr)
+  if arr.dtype.kind in "iu":
+    return int(arr)  # keep integers exact (counts, token totals) rather than rounding via float
+  # bfloat16 (ml_dtypes, what jax returns for bf16) has kind 'V', so it is named explicitly.
+  if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
+    return float(arr)
+  # Strings, objects and complex numbers are not values a plot can show.
+  raise TypeError(f"metric must be real-valued, got dtype {arr.dtype}")
+
+
+class MetricsWriter:
+  """Appends `{"step": step, **metrics}` lines to `<logdir>/metrics.jsonl` and TensorBoard scalars.
+
+  Non-finite values (NaN, +-inf) are written to the JSONL file as `null`: `json.dumps` would
+  otherwise emit the bare token `NaN`, which strict JSON parsers (jq, JavaScript) reject, and the
+  file must stay readable by any tool. The loss of which non-finite value it was is accepted; the
+  TensorBoard copy keeps the real value, and `nonfinite` counts the replacements per key so a run
+  can notice (and e.g. stop on) a diverging metric.
+  """
+
+  def __init__(self, logdir: str, *, tensorboard: bool = True):
+    self.logdir = logdir
+    os.makedirs(logdir, exist_ok=True)
+    self.path = os.path.join(logdir, METRICS_FILE)
+    _drop_torn_tail(self.path)
+    self._file = open(self.path, "a", encoding="utf-8")
+    self.nonfinite: collections.Counter[str] = collections.Counter()
+    self._tb = None
+    if tensorboard:
+      # Imported lazily so JSONL-only users (tests, analysis scripts) do not pay for it.
+      from tensorboardX import SummaryWriter
+      # tensorboardX names event files by the second and hostname and opens them with "wb", so a
+      # writer reopened within the same second (a fast restart) would erase the earlier file;
+      # a unique suffix keeps each writer's events in a file of its own.
+      self._tb = SummaryWriter(logdir=os.path.join(logdir, TB_DIR),
+                               filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if self._file is None:
+      raise ValueError("MetricsWriter is closed")
+    if "step" in metrics:
+      raise ValueError("'step' is reserved for the step number")
+    step = int(step)
+    values = {k: to_scalar(v) for k, v in metrics.items()}
+    record: dict[str, Any] = {"step": step}
+    for k, v in values.items():
+      if isinstance(v, float) and not math.isfinite(v):
+        self.nonfinite[k] += 1
+        v = None
+      record[k] = v
+    # One write of a complete line, then flush: a killed process leaves at most a torn last line.
+    self._file.write(json.dumps(record, allow_nan=False) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(k, float(v), step)
+
+  def write_config(self, config: Mapping[str, Any]) -> None:
+    """Writes `<logdir>/config.json` (replacing it), so a run's settings sit beside its metrics."""
+    path = os.path.join(self.logdir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(dict(config), f, indent=2, sort_keys=True, default=_config_default)
+      f.write("\n")
+    os.replace(tmp, path)  # atomic: a reader never sees a half-written config
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _config_default(obj: Any) -> Any:
+  # Configs hold numpy/jax scalars, tuples-as-lists, dtypes, nested ConfigDicts; the file is a
+  # human-readable record, not something parsed back into objects, so str() is an acceptable
+  # fallback for the rest.
+  if isinstance(obj, Mapping):
+    return dict(obj)
+  try:
+    return to_scalar(obj)
+  except (TypeError, ValueError):
+    return str(obj)
+
+
+def _drop_torn_tail(path: str) -> None:
+  """Truncates a last line left without its newline by a killed writer, so appends start clean."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Reads a metrics.jsonl (or the logdir holding one) back as a list of dicts, in file order.
+
+  A final line without a newline is a write cut short by a killed process and is skipped; a
+  malformed line anywhere else means real corruption and raises.
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, METRICS_FILE)
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  # split leaves "" after a trailing newline, or the torn fragment when there is none.
+  return [json.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def progress(iterable_or_total: Union[Iterable, int], desc: Optional[str] = None,
+             disable: Optional[bool] = None, **kwargs) -> tqdm.tqdm:
+  """A tqdm bar over an iterable (or a manual bar of `total` steps, advanced with `.update`).
+
+  `disable=None` hides the bar unless its output stream is a terminal: in batch-job logs a bar
+  is thousands of carriage-return updates. Pass `disable=False` to force it on.
+  """
+  file = kwargs.pop("file", None) or sys.stderr  # tqdm's default stream
+  if disable is None:
+    isatty = getattr(file, "isatty", None)
+    disable = not (isatty is not None and isatty())
+  if isinstance(iterable_or_total, (int, np.integer)):
+    return tqdm.tqdm(total=iterable_or_total, desc=desc, disable=disable, file=file, **kwargs)
+  return tqdm.tqdm(iterable_or_total, desc=desc, disable=disable, file=file, **kwargs)

@@ -1,0 +1,110 @@
+"""Model shapes: one `ModelConfig`, size presets shaped like the paper's family, and cost formulas.
+
+Nominal sizes follow Kaplan et al. / Askell et al. 2021 and count *non-embedding* parameters
+(the token embedding and an untied LM head are excluded), which is what the paper's model
+sizes (13M ... 52B) refer to. `param_counts` reports both.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 32000
+  d_model: int = 512
+  num_layers: int = 4
+  num_heads: int = 8
+  num_kv_heads: int = 4  # grouped-query attention: num_heads % num_kv_heads == 0
+  head_dim: int = 64
+  mlp_dim: int = 1536  # hidden width of the SwiGLU MLP
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  dtype: str = "float32"  # compute dtype: "bfloat16" for speed on accelerators
+  param_dtype: str = "float32"
+  scan_layers: bool = False  # nn.scan over layers: constant compile time in depth
+  remat: str = "none"  # "none" | "full" | "dots": activation checkpointing per layer
+  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'cudnn'")
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "ModelConfig":
+    """Builds from a dict or ConfigDict; unknown keys are an error, not ignored."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# Nominal non-embedding parameter counts, and shapes within a few percent of them.
+NOMINAL_PARAMS = {
+    "13m": 13e6, "42m": 42e6, "197m": 197e6, "810m": 810e6,
+    "2.7b": 2.7e9, "13b": 13e9, "52b": 52e9,
+}
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=1024, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=16, mlp_dim=192, max_seq_len=512, tie_embeddings=True),
+    "13m": ModelConfig(d_model=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1536),
+    "42m": ModelConfig(d_model=768, num_layers=7, num_heads=12, num_kv_heads=4, head_dim=64, mlp_dim=2048),
+    "197m": ModelConfig(d_model=1280, num_layers=11, num_heads=20, num_kv_heads=4, head_dim=64,
+                        mlp_dim=3584),
+    "810m": ModelConfig(d_model=2048, num_layers=18, num_heads=16, num_kv_heads=4, head_dim=128,
+                        mlp_dim=5632),
+    "2.7b": ModelConfig(d_model=2560, num_layers=32, num_heads=20, num_kv_heads=4, head_dim=128,
+                        mlp_dim=8704, scan_layers=True),
+    "13b": ModelConfig(d_model=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+                       mlp_dim=13824, scan_layers=True, remat="dots"),
+    "52b": ModelConfig(d_model=8192, num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128,
+                       mlp_dim=26624, scan_layers=True, remat="dots"),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+  try:
+    return PRESETS[name]
+  except KeyError:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+  """Analytic parameter counts: {'total', 'non_embedding', 'embedding'}."""
+  d, h = cfg.d_model, cfg.head_dim
+  attn = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2  # q, o + k, v
+  mlp = 3 * d * cfg.mlp_dim  # gate, up, down
+  per_layer = attn + mlp + 2 * d  # two RMSNorm scales
+  non_embedding = cfg.num_layers * per_layer + d + d + 1  # final norm + scalar head (w, b)
+  embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+  return {"total": non_embedding + embedding, "non_embedding": non_embedding, "embedding": embedding}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+  """Model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B).
+
+  Matmul parameters count 2 FLOPs per token forward, 6 with the backward pass; attention
+  scores and the weighted sum add 2 * 2 * L * heads * head_dim * T forward (counted for the full
+  T x T square, as PaLM does, so MFU figures are comparable with theirs). The LM head is a
+  matmul; the embedding lookup is not.
+  """
+  counts = param_counts(cfg)
+  matmul_params = counts["non_embedding"] + cfg.vocab_size * cfg.d_model
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  forward = 2 * matmul_params + attention
+  return 3 * forward if training else forward
