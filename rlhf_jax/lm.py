@@ -39,7 +39,7 @@ def lm_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Tran
   (_, metrics), grads = jax.value_and_grad(lm_loss, has_aux=True)(state.params, model, batch)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             data_position=state.data_position + batch["tokens"].shape[0])
   return new_state, metrics

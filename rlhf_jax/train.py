@@ -103,10 +103,12 @@ def train(config, workdir: str) -> dict[str, Any]:
           last.update(_evaluate(eval_step, state.params, config, mesh))
         writer.write(step, last)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
-      if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+      saved = step % config.train.checkpoint_every == 0 or step == config.train.steps
+      if saved:
         ckpt.save(step, state)
       if preemption.requested:
-        ckpt.save(step, state, force=True)
+        if not saved:  # orbax refuses a second save of the same step
+          ckpt.save(step, state, force=True)
         break
   finally:
     bar.close()
