@@ -30,6 +30,8 @@ from rlhf_jax.train_state import create_train_state, state_shardings
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
+_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
+                                 "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
 
 
 class _Preemption:
@@ -122,6 +124,8 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/lm.py:tiny")
