@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 
 # The main job (CPU, offline). For now: train the tiny LM; the scaling sweep replaces it.
 run: setup
-	$(PY) -m rlhf_jax.train --config=configs/lm.py:$(PRESET)
+	$(PY) -m rlhf_jax.train_lm --config=configs/lm.py:$(PRESET)
 
 test: setup
 	$(PY) -m pytest -q tests

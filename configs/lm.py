@@ -1,41 +1,65 @@
 """Language-model training: `--config=configs/lm.py:PRESET` with PRESET a model size (tiny, 13m, ...).
 
-Override anything from the command line, e.g. `--config.model.num_layers=3 --config.train.steps=50`.
+Override anything from the command line, e.g.
+  --config.objective=sft --config.init_from=runs/lm_tiny --config.train.steps=50
 """
 import ml_collections
 
 from rlhf_jax.model_config import get_preset
 
+# Our own short helpful-honest-harmless prompt for context distillation (in the spirit of
+# Askell et al. 2021, whose prompt is much longer); override with --config.distill.prompt.
+HHH_PROMPT = (
+    "Below are conversations between people and an AI assistant. The assistant is helpful, "
+    "honest and harmless: it answers as well as it can, says when it does not know, and "
+    "declines politely to help with anything dangerous or cruel."
+    "\n\nHuman: Can you help me write a birthday message for my sister?"
+    "\n\nAssistant: Of course. Tell me a little about her and I will suggest a few warm lines."
+    "\n\nHuman: How do I pick a lock to get into my neighbour's house?"
+    "\n\nAssistant: I can't help with getting into someone else's home. If you are locked out "
+    "of your own, a licensed locksmith can help.")
+
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  tiny = preset == "tiny"
   c = ml_collections.ConfigDict()
   c.preset = preset
+  c.objective = "pretrain"  # "pretrain" | "sft" (loss on Assistant turns) | "distill"
+  c.init_from = ""  # run directory whose final params start this run (and teach, if distilling)
   c.model = ml_collections.ConfigDict(get_preset(preset).to_dict())
   # (data, fsdp, tensor); -1 takes every remaining device, so the default is pure FSDP.
   c.mesh = ml_collections.ConfigDict({"shape": (1, -1, 1)})
   c.optimizer = ml_collections.ConfigDict({
-      "learning_rate": 3e-3 if preset == "tiny" else 3e-4,
-      "warmup_steps": 10 if preset == "tiny" else 500,
+      "learning_rate": 3e-3 if tiny else 3e-4,
+      "warmup_steps": 10 if tiny else 500,
       "final_lr_fraction": 0.1,
       "b1": 0.9, "b2": 0.95, "eps": 1e-8,
       "weight_decay": 0.1,
       "grad_clip": 1.0,
   })
   c.train = ml_collections.ConfigDict({
-      "steps": 100 if preset == "tiny" else 20000,
-      "batch_size": 16 if preset == "tiny" else 256,
-      "seq_len": 64 if preset == "tiny" else 1024,
+      "steps": 200 if tiny else 20000,
+      "batch_size": 16 if tiny else 256,
+      "seq_len": 128 if tiny else 1024,
       "seed": 0,
       "log_every": 10,
-      "eval_every": 50,
-      "eval_batches": 4,
-      "checkpoint_every": 50,
+      "eval_every": 100,
+      "checkpoint_every": 100,
       "keep_checkpoints": 3,
       "async_checkpointing": True,
   })
-  # Until the hh-rlhf pipeline lands, the LM trains on a synthetic language of arithmetic
-  # sequences (learnable, deterministic per example index, so runs resume exactly).
-  c.data = ml_collections.ConfigDict({"source": "synthetic"})
+  c.data = ml_collections.ConfigDict({
+      "subset": "harmless-base",
+      "split": "test",  # the one split available offline; "train" with the full download
+      "eval_split": "",  # "" holds out eval_fraction of `split` instead
+      "eval_fraction": 0.1,
+      "source_dir": "",  # "" = $RLHF_JAX_HH_RLHF_DIR, ../shared, bundled sample, else download
+      "skip_malformed": False,
+      "max_examples": 0,  # 0 = all
+      "seed": 0,
+  })
+  c.tokenizer = ml_collections.ConfigDict({"path": ""})  # "" trains one into the workdir
+  c.distill = ml_collections.ConfigDict({"prompt": HHH_PROMPT})
   c.workdir = f"runs/lm_{preset}"
   c.progress_bar = True
   return c

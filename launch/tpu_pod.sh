@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run an rlhf_jax job on every worker of a Cloud TPU pod slice.
 #
-#   launch/tpu_pod.sh NAME ZONE ACCELERATOR -- python -m rlhf_jax.train --config=configs/lm.py:197m \
+#   launch/tpu_pod.sh NAME ZONE ACCELERATOR -- python -m rlhf_jax.train_lm --config=configs/lm.py:197m \
 #       --config.mesh.shape='(1,-1,1)'
 #
 # Creates the TPU VM if it does not exist, copies this checkout to every worker, installs the

@@ -1,8 +1,15 @@
-"""Language-model objective: masked next-token cross-entropy, and its jitted train/eval steps.
+"""Language-model objectives and their jitted steps: next-token cross-entropy (pretraining, SFT)
+and context distillation.
 
 A batch is {'tokens': [batch, seq] int32, 'loss_mask': [batch, seq] float/bool,
 'attention_mask': [batch, seq] bool}. loss_mask[b, t] weights the prediction *of* token t
 (from the prefix before it), so SFT puts ones on Assistant tokens only.
+
+Context distillation (Askell et al. 2021): the teacher is the frozen initial model reading a
+helpful-honest-harmless prompt followed by the dialogue; the student reads the dialogue alone and
+is trained to match the teacher's next-token distributions, KL(teacher || student) per token.
+A distillation batch adds 'teacher_tokens' / 'teacher_attention_mask' [batch, prefix + seq]: the
+same prompt prefix on every row, then the student's tokens.
 """
 from __future__ import annotations
 
@@ -34,9 +41,32 @@ def lm_loss(params, model: Transformer, batch: dict[str, jax.Array]) -> tuple[ja
   return loss, {"loss": loss, "num_tokens": weights.sum(), "perplexity": jnp.exp(loss)}
 
 
+def distill_loss(params, teacher_params, model: Transformer,
+                 batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+  """Token-mean KL(teacher || student) over loss_mask, in float32."""
+  prefix = batch["teacher_tokens"].shape[1] - batch["tokens"].shape[1]
+  teacher = model.apply({"params": teacher_params}, batch["teacher_tokens"],
+                        attention_mask=batch["teacher_attention_mask"])
+  student = model.apply({"params": params}, batch["tokens"], attention_mask=batch["attention_mask"])
+  # Teacher position prefix + t and student position t both predict student token t + 1.
+  t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher.logits[:, prefix:-1]), axis=-1)
+  s_logp = jax.nn.log_softmax(student.logits[:, :-1], axis=-1)
+  kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)  # [batch, seq-1]
+  weights = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["attention_mask"][:, 1:]
+  loss = (kl * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  nll = -(token_log_probs(student.logits, batch["tokens"]) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  return loss, {"loss": loss, "kl": loss, "student_nll": nll, "num_tokens": weights.sum()}
+
+
 def lm_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Transformer,
-                  tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  (_, metrics), grads = jax.value_and_grad(lm_loss, has_aux=True)(state.params, model, batch)
+                  tx: optax.GradientTransformation, teacher_params=None
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update on the LM loss, or on the distillation loss when teacher_params is given."""
+  if teacher_params is None:
+    loss_fn = lambda p: lm_loss(p, model, batch)
+  else:
+    loss_fn = lambda p: distill_loss(p, teacher_params, model, batch)
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -54,10 +84,19 @@ def lm_eval_step(params, batch: dict[str, jax.Array], *, model: Transformer) -> 
 
 
 def jit_lm_train_step(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
-                      state_shardings: Any):
-  """The LM step jitted once with explicit shardings; the old state's buffers are donated."""
-  step = lambda state, batch: lm_train_step(state, batch, model=model, tx=tx)
-  return shd.under_mesh(jax.jit(step, in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+                      state_shardings: Any, *, distill: bool = False):
+  """The step jitted once with explicit shardings; the old state's buffers are donated.
+
+  Returns step(state, batch) for LM training, step(state, batch, teacher_params) when distilling.
+  """
+  if distill:
+    step = lambda state, batch, teacher: lm_train_step(state, batch, model=model, tx=tx,
+                                                       teacher_params=teacher)
+    in_shardings = (state_shardings, shd.batch_sharding(mesh), state_shardings.params)
+  else:
+    step = lambda state, batch: lm_train_step(state, batch, model=model, tx=tx)
+    in_shardings = (state_shardings, shd.batch_sharding(mesh))
+  return shd.under_mesh(jax.jit(step, in_shardings=in_shardings,
                                 out_shardings=(state_shardings, shd.replicated(mesh)),
                                 donate_argnums=(0,)), mesh)
 

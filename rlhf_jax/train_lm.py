@@ -1,6 +1,6 @@
-"""Language-model training entry point.
+"""Language-model training: pretraining, SFT and context distillation on hh-rlhf dialogues.
 
-  python -m rlhf_jax.train --config=configs/lm.py:tiny --config.model.num_layers=3 [--workdir=DIR]
+  python -m rlhf_jax.train_lm --config=configs/lm.py:tiny [--config.objective=sft] [--workdir=DIR]
 
 Resumable: rerunning the same command continues from the latest checkpoint in the workdir,
 bitwise as if it had not stopped. SIGTERM (preemption) saves a checkpoint and exits cleanly.
@@ -20,21 +20,17 @@ from ml_collections import config_flags
 from rlhf_jax import lm
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpointing import Checkpointer
+from rlhf_jax.lm_data import LMData, build_lm_data
 from rlhf_jax.metrics import MetricsWriter, progress
 from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.model_config import ModelConfig
 from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.synthetic_data import arithmetic_batch
 from rlhf_jax.train_state import create_train_state, state_shardings
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
-_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
-                                 "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
+OBJECTIVES = ("pretrain", "sft", "distill")
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM into a flag the loop polls at step boundaries (never mid-step)."""
 
   def __init__(self):
@@ -49,18 +45,30 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _batch(config, position: int, seed: int) -> dict[str, np.ndarray]:
-  if config.data.source != "synthetic":
-    raise ValueError(f"unknown data.source {config.data.source!r}; available: 'synthetic'")
-  t = config.train
-  return arithmetic_batch(seed, position, t.batch_size, t.seq_len, config.model.vocab_size)
+def _initial_state(config, init_fn, tx, mesh, abstract):
+  """The state a fresh run starts from: a seeded init, with the params of the final checkpoint
+  of the run in config.init_from if given (the SFT/distillation starting point and teacher)."""
+  state, _ = create_train_state(init_fn, tx, mesh, jax.random.PRNGKey(config.train.seed))
+  if config.init_from:
+    with Checkpointer(os.path.join(config.init_from, "checkpoints")) as ckpt:
+      restored, _ = ckpt.restore(abstract)
+    state = state.replace(params=restored.params)
+  return state
 
 
-def _evaluate(eval_step, params, config, mesh) -> dict[str, float]:
+def _distill_batch(batch: dict[str, np.ndarray], prefix: np.ndarray) -> dict[str, np.ndarray]:
+  rows = batch["tokens"].shape[0]
+  tiled = np.broadcast_to(prefix, (rows, len(prefix)))
+  return dict(batch, teacher_tokens=np.concatenate([tiled, batch["tokens"]], axis=1).astype(np.int32),
+              teacher_attention_mask=np.concatenate(
+                  [np.ones_like(tiled, bool), batch["attention_mask"]], axis=1))
+
+
+def evaluate(eval_step, params, data: LMData, mesh) -> dict[str, float]:
+  """Loss and perplexity over the whole eval set (exact token-weighted mean)."""
   nll, count = 0.0, 0.0
-  eval_seed = config.train.seed + 1_000_003  # a disjoint stream: held-out examples
-  for i in range(config.train.eval_batches):
-    out = eval_step(params, shd.shard_batch(_batch(config, i * config.train.batch_size, eval_seed), mesh))
+  for batch in data.eval.in_order():
+    out = eval_step(params, shd.shard_batch(batch, mesh))
     nll, count = nll + float(out["nll_sum"]), count + float(out["num_tokens"])
   loss = nll / max(count, 1.0)
   return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss))}
@@ -68,6 +76,10 @@ def _evaluate(eval_step, params, config, mesh) -> dict[str, float]:
 
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming if a checkpoint exists); returns the last metrics."""
+  if config.objective not in OBJECTIVES:
+    raise ValueError(f"objective={config.objective!r}: expected one of {OBJECTIVES}")
+  os.makedirs(workdir, exist_ok=True)
+  data = build_lm_data(config, workdir)
   mesh = shd.make_mesh(config.mesh.shape)
   model_cfg = ModelConfig.from_dict(config.model)
   model = Transformer(model_cfg)
@@ -77,32 +89,41 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
                       async_save=config.train.async_checkpointing)
-  if ckpt.latest_step() is not None:
+  resuming = ckpt.latest_step() is not None
+  state = None if resuming else _initial_state(config, init_fn, tx, mesh, abstract)
+  teacher = None
+  if config.objective == "distill":  # the frozen initial model, rebuilt identically on resume
+    teacher = (state or _initial_state(config, init_fn, tx, mesh, abstract)).params
+    teacher = jax.tree.map(lambda x: x.copy(), teacher)  # the step donates the state's buffers
+  if resuming:
     state, _ = ckpt.restore(abstract)
     print(f"resumed from step {int(state.step)} in {ckpt.directory}")
-  else:
-    state, _ = create_train_state(init_fn, tx, mesh, jax.random.PRNGKey(config.train.seed))
 
-  train_step = lm.jit_lm_train_step(model, tx, mesh, shardings)
+  train_step = lm.jit_lm_train_step(model, tx, mesh, shardings, distill=teacher is not None)
   eval_step = lm.jit_lm_eval_step(model, mesh, shardings.params)
+  prefix = np.asarray(data.tokenizer.encode(config.distill.prompt), np.int32)
   writer = MetricsWriter(workdir)
-  writer.write_config(config.to_dict())
-  preemption = _Preemption()
+  writer.write_config(dict(config.to_dict(), num_train_examples=len(data.train),
+                           num_eval_examples=len(data.eval), malformed_skipped=data.skipped))
+  preemption = Preemption()
   start_step, last = int(state.step), {}
-  bar = progress(config.train.steps, desc="train", disable=None if config.progress_bar else True)
+  bar = progress(config.train.steps, desc=f"train_lm {config.objective}",
+                 disable=None if config.progress_bar else True)
   bar.update(start_step)
   t0 = time.perf_counter()
   try:
     for step in range(start_step + 1, config.train.steps + 1):
-      batch = _batch(config, int(state.data_position), config.train.seed)
-      state, metrics = train_step(state, shd.shard_batch(batch, mesh))
+      batch = data.train.batch_at(int(state.data_position))
+      if teacher is not None:
+        state, metrics = train_step(state, shd.shard_batch(_distill_batch(batch, prefix), mesh), teacher)
+      else:
+        state, metrics = train_step(state, shd.shard_batch(batch, mesh))
       bar.update(1)
       if step % config.train.log_every == 0 or step == config.train.steps:
         last = {k: float(v) for k, v in metrics.items()}  # the only host sync in the loop
-        elapsed = time.perf_counter() - t0
-        last["tokens_per_second"] = (step - start_step) * batch["tokens"].size / elapsed
+        last["tokens_per_second"] = (step - start_step) * batch["tokens"].size / (time.perf_counter() - t0)
         if step % config.train.eval_every == 0 or step == config.train.steps:
-          last.update(_evaluate(eval_step, state.params, config, mesh))
+          last.update(evaluate(eval_step, state.params, data, mesh))
         writer.write(step, last)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
       saved = step % config.train.checkpoint_every == 0 or step == config.train.steps
@@ -118,6 +139,13 @@ def train(config, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
   return last
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
+_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
+                                 "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
 
 
 def main(argv):

@@ -1,0 +1,40 @@
+"""Loading hh-rlhf splits through the TFDS builder, as Python strings."""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+from rlhf_jax.hh_rlhf import catalog
+
+
+class Split(NamedTuple):
+  records: list[dict]  # in file order, text fields as str
+  skipped: dict[str, int]  # malformed records skipped while preparing: {problem: count}
+
+
+def load_split(subset: str = "harmless-base", split: str = "test", *, data_dir: Optional[str] = None,
+               source_dir: Optional[str] = None, skip_malformed: bool = False) -> Split:
+  """Records of one split, prepared once by the TFDS builder and read back.
+
+  source_dir: a local copy laid out like upstream; default: the best local copy
+    (`catalog.local_source_dir`), and a download from upstream if there is none.
+  data_dir: where TFDS writes the prepared ArrayRecord files (default: TFDS's own default).
+  """
+  import tensorflow_datasets as tfds  # heavy: only data preparation pays for it
+  from rlhf_jax.hh_rlhf.builder import HhRlhf
+
+  tfds.disable_progress_bar()  # one bar per split and shard floods the logs of a training run
+  catalog.split_files(subset)  # validates the names early
+  source_dir = source_dir or catalog.local_source_dir(subset, split)
+  builder = HhRlhf(config=subset, data_dir=data_dir, file_format="array_record",
+                   skip_malformed=skip_malformed)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(source_dir) if source_dir else None))
+  if split not in builder.info.splits:
+    raise FileNotFoundError(f"hh-rlhf {subset}/{split} was not built (source: {source_dir}); "
+                            f"available: {sorted(builder.info.splits)}")
+  source = builder.as_data_source(split)
+  records = [{k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in source[i].items()}
+             for i in range(len(source))]
+  skipped = dict(builder.info.metadata.get(split, {}).get("skipped", {}))
+  return Split(sorted(records, key=lambda r: r["line"]), skipped)

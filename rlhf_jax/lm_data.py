@@ -1,0 +1,77 @@
+"""The LM trainer's data: hh-rlhf dialogues, a tokenizer trained on them, train/eval batchers.
+
+Offline, only harmless-base test exists, so a seeded fraction of whichever split is used is held
+out for evaluation (`data.eval_fraction`); with the real train split, set data.eval_split="test".
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from rlhf_jax.batching import Batcher, Encoded, encode_dialogue, pack
+from rlhf_jax.hh_rlhf.load import load_split
+from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+
+
+class LMData(NamedTuple):
+  tokenizer: Tokenizer
+  train: Batcher
+  eval: Batcher
+  skipped: int  # malformed records skipped (only with data.skip_malformed)
+
+
+def _records(config, split: str, workdir: str) -> tuple[list[dict], int]:
+  d = config.data
+  loaded = load_split(d.subset, split, data_dir=os.path.join(workdir, "tfds"),
+                      source_dir=d.source_dir or None, skip_malformed=d.skip_malformed)
+  if loaded.skipped:
+    print(f"hh-rlhf {d.subset}/{split}: skipped {sum(loaded.skipped.values())} malformed records "
+          f"{loaded.skipped}")
+  return loaded.records, sum(loaded.skipped.values())
+
+
+def train_eval_records(config, workdir: str) -> tuple[list[dict], list[dict], int]:
+  """(train records, eval records, number of malformed records skipped)."""
+  d = config.data
+  records, skipped = _records(config, d.split, workdir)
+  if d.max_examples:
+    records = records[:d.max_examples]
+  if d.eval_split:
+    eval_records, eval_skipped = _records(config, d.eval_split, workdir)
+    return records, eval_records, skipped + eval_skipped
+  order = np.random.default_rng(d.seed).permutation(len(records))
+  n_eval = max(1, int(round(len(records) * d.eval_fraction)))
+  held_out = set(order[:n_eval].tolist())
+  return ([r for i, r in enumerate(records) if i not in held_out],
+          [r for i, r in enumerate(records) if i in held_out], skipped)
+
+
+def load_or_train_tokenizer(config, texts: list[str], workdir: str) -> Tokenizer:
+  """config.tokenizer.path if given, else the run's own tokenizer (trained once, then reused)."""
+  if config.tokenizer.path:
+    tok = Tokenizer(config.tokenizer.path)
+  else:
+    path = os.path.join(workdir, MODEL_FILE)
+    tok = Tokenizer(path) if os.path.exists(path) else train_tokenizer(texts, config.model.vocab_size, workdir)
+  if tok.vocab_size != config.model.vocab_size:
+    raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size is "
+                     f"{config.model.vocab_size}")
+  return tok
+
+
+def _encode(tok: Tokenizer, records: list[dict], objective: str, seq_len: int) -> list[Encoded]:
+  assistant_only = objective == "sft"
+  encoded = [encode_dialogue(tok, r["chosen"], assistant_only=assistant_only) for r in records]
+  # Pretraining packs dialogues into full rows; SFT and distillation keep one dialogue per row.
+  return pack(encoded, seq_len) if objective == "pretrain" else encoded
+
+
+def build_lm_data(config, workdir: str) -> LMData:
+  train_records, eval_records, skipped = train_eval_records(config, workdir)
+  tok = load_or_train_tokenizer(config, [r["chosen"] for r in train_records], workdir)
+  t = config.train
+  make = lambda recs, seed: Batcher(_encode(tok, recs, config.objective, t.seq_len), batch_size=t.batch_size,
+                                    seq_len=t.seq_len, seed=seed, pad_id=tok.pad_id)
+  return LMData(tok, make(train_records, t.seed), make(eval_records, t.seed), skipped)

@@ -1,0 +1,74 @@
+"""SentencePiece tokenizer trained on the corpus in use, with the special tokens RLHF needs.
+
+Fixed ids: 0 = padding, 1 = unknown, 2 = end of text (EOS, ends every response), 3 = end of
+context (EOC: appended to a dialogue, the position where the preference model reads its score).
+Byte fallback means no text is ever unrepresentable, the identity normaliser keeps the
+"\\n\\nHuman: " markers (newlines, repeated spaces) exactly, so decode(encode(x)) == x, and with
+no dummy prefix, encoding a text in pieces and concatenating decodes to the whole text.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, EOS_ID, EOC_ID = 0, 1, 2, 3
+EOC_PIECE = "<|endofcontext|>"
+MODEL_FILE = "tokenizer.model"
+
+
+class Tokenizer:
+
+  def __init__(self, model_path: str):
+    self.path = os.fspath(model_path)
+    self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    if self._sp.piece_to_id(EOC_PIECE) != EOC_ID or self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
+      raise ValueError(f"{self.path} was not trained by rlhf_jax.tokenizer.train_tokenizer "
+                       f"(expected pad={PAD_ID}, eos={EOS_ID}, {EOC_PIECE}={EOC_ID})")
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  pad_id, unk_id, eos_id, eoc_id = PAD_ID, UNK_ID, EOS_ID, EOC_ID
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._sp.encode(list(texts))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of the ids, special tokens (pad, EOS, EOC) left out."""
+    return self._sp.decode([int(i) for i in ids if int(i) > EOC_ID])
+
+
+def _training_sentences(texts: Iterable[str]) -> Iterable[str]:
+  # SentencePiece skips sentences over max_sentence_length; whole dialogues can be long, so
+  # it learns from their turns (markers included) instead.
+  for text in texts:
+    for part in text.split("\n\n"):
+      if part:
+        yield "\n\n" + part
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str) -> Tokenizer:
+  """Trains a BPE model on texts, writes <output_dir>/tokenizer.model, returns it loaded."""
+  os.makedirs(output_dir, exist_ok=True)
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(list(_training_sentences(texts))), model_writer=model,
+      vocab_size=vocab_size, model_type="bpe", character_coverage=0.9995, byte_fallback=True,
+      pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, user_defined_symbols=[EOC_PIECE, "\n"],
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+      split_digits=True,
+      allow_whitespace_only_pieces=True, max_sentence_length=16384, num_threads=1,
+      shuffle_input_sentence=False, minloglevel=2)
+  path = os.path.join(output_dir, MODEL_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, path)  # a killed run never leaves a half-written model behind
+  return Tokenizer(path)
