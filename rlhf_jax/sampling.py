@@ -7,7 +7,8 @@ as every row has emitted EOS.
 
 Returned log-probs are those of the sampled tokens under the model's distribution at the given
 temperature (logits / temperature), *before* top-k / top-p truncation: that is the policy
-probability PPO needs, and it matches a full forward pass on the returned tokens.
+probability PPO needs, and it matches a full forward pass on the returned tokens. Greedy decoding
+(temperature 0) returns log-probs at temperature 1.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def to_left_padding(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """Sets logits outside the top-k and outside the top-p nucleus to -inf.
+  """Sets logits outside the top-k and outside the top-p nucleus to the dtype's lowest value.
 
   top_k=0 and top_p=1.0 disable each filter. The nucleus is the smallest set of most-likely
   tokens whose probability reaches top_p (the most likely token is always kept).
@@ -56,7 +57,7 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "eos_id", "pad_id"))
 def generate(params, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
              model: Transformer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
