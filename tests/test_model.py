@@ -43,8 +43,8 @@ def make_params(cfg, seed=0, noise=0.1):
 
   The init values themselves (norm scales 1, zero scalar head, small fan-in weights) are replaced
   by init-like values plus random normal noise, so that nothing is zero or one and every
-  parameter influences the outputs. (Running the real initialisers costs several seconds of XLA compile per
-  config on CPU; `test_init_params` covers them once.)
+  parameter influences the outputs. (Running the real initialisers costs several seconds of XLA
+  compile per config on CPU; `test_init_params` covers them once.)
   """
   rng = np.random.default_rng(seed)
 
