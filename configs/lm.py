@@ -49,6 +49,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "async_checkpointing": True,
   })
   c.data = ml_collections.ConfigDict({
+      "path": "",  # any comparison file in hh-rlhf format; replaces subset/split when set
       "subset": "harmless-base",
       "split": "test",  # the one split available offline; "train" with the full download
       "eval_split": "",  # "" holds out eval_fraction of `split` instead

@@ -64,13 +64,25 @@ def pack(examples: Sequence[Encoded], seq_len: int) -> list[Encoded]:
 
 
 class Batcher:
-  """Fixed-shape batches of encoded examples, in a seeded order, resumable from a position."""
+  """Fixed-shape batches of encoded examples, in a seeded order, resumable from a position.
 
-  def __init__(self, examples: Sequence[Encoded], *, batch_size: int, seq_len: int, seed: int,
-               pad_id: int):
-    self.examples = [fit_to_length(ex, seq_len) for ex in examples]
+  Subclasses change what an example is by overriding `_fit`, `_collate` and `_filler`
+  (the preference-model batcher's examples are groups of responses).
+  """
+
+  def __init__(self, examples: Sequence, *, batch_size: int, seq_len: int, seed: int, pad_id: int):
     self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
+    self.examples = [self._fit(ex) for ex in examples]
     self._perms: dict[int, np.ndarray] = {}
+
+  def _fit(self, example: Encoded) -> Encoded:
+    return fit_to_length(example, self.seq_len)
+
+  def _collate(self, rows: Sequence) -> dict[str, np.ndarray]:
+    return pad_batch(rows, self.seq_len, self.pad_id)
+
+  def _filler(self):
+    return Encoded([self.pad_id], [False])  # all-masked: contributes nothing to sums
 
   def __len__(self) -> int:
     return len(self.examples)
@@ -83,14 +95,15 @@ class Batcher:
 
   def batch_at(self, position: int) -> dict[str, np.ndarray]:
     rows = [self.examples[self._index(p)] for p in range(position, position + self.batch_size)]
-    return pad_batch(rows, self.seq_len, self.pad_id)
+    return self._collate(rows)
 
   def in_order(self) -> list[dict[str, np.ndarray]]:
-    """Every example once, in file order, in batches (the last one padded with empty rows):
-    for evaluation over a whole split."""
+    """Every example once, in file order, in batches (the last one padded with filler rows):
+    for evaluation over a whole split. Each batch carries 'num_valid', its count of real rows."""
     out = []
     for start in range(0, len(self.examples), self.batch_size):
-      rows = self.examples[start:start + self.batch_size]
-      rows = list(rows) + [Encoded([self.pad_id], [False])] * (self.batch_size - len(rows))
-      out.append(pad_batch(rows, self.seq_len, self.pad_id))
+      rows = list(self.examples[start:start + self.batch_size])
+      num_valid = len(rows)
+      rows += [self._filler()] * (self.batch_size - num_valid)
+      out.append(dict(self._collate(rows), num_valid=np.int32(num_valid)))
     return out

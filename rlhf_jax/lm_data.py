@@ -6,12 +6,14 @@ out for evaluation (`data.eval_fraction`); with the real train split, set data.e
 from __future__ import annotations
 
 import os
+import shutil
 from typing import NamedTuple
 
 import numpy as np
 
 from rlhf_jax.batching import Batcher, Encoded, encode_dialogue, pack
 from rlhf_jax.hh_rlhf.load import load_split
+from rlhf_jax.hh_rlhf.records import read_comparisons
 from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 
 
@@ -32,10 +34,21 @@ def _records(config, split: str, workdir: str) -> tuple[list[dict], int]:
   return loaded.records, sum(loaded.skipped.values())
 
 
+def _file_records(config) -> tuple[list[dict], int]:
+  loaded, report = read_comparisons(config.data.path, skip_malformed=config.data.skip_malformed)
+  if report.num_skipped:
+    print(report.summary())
+  return loaded, report.num_skipped
+
+
 def train_eval_records(config, workdir: str) -> tuple[list[dict], list[dict], int]:
-  """(train records, eval records, number of malformed records skipped)."""
+  """(train records, eval records, number of malformed records skipped).
+
+  data.path, if set, names any comparison file in the hh-rlhf format (e.g. preference-model
+  pretraining data) and replaces data.subset / data.split.
+  """
   d = config.data
-  records, skipped = _records(config, d.split, workdir)
+  records, skipped = _file_records(config) if d.path else _records(config, d.split, workdir)
   if d.max_examples:
     records = records[:d.max_examples]
   if d.eval_split:
@@ -49,12 +62,19 @@ def train_eval_records(config, workdir: str) -> tuple[list[dict], list[dict], in
 
 
 def load_or_train_tokenizer(config, texts: list[str], workdir: str) -> Tokenizer:
-  """config.tokenizer.path if given, else the run's own tokenizer (trained once, then reused)."""
+  """config.tokenizer.path if given, else the tokenizer of the run in config.init_from, else the
+  run's own (trained once on the training texts, then reused)."""
+  inherited = os.path.join(config.init_from, MODEL_FILE) if config.get("init_from") else ""
   if config.tokenizer.path:
     tok = Tokenizer(config.tokenizer.path)
+  elif inherited and os.path.exists(inherited):  # a model keeps the tokenizer it was trained with
+    tok = Tokenizer(inherited)
   else:
     path = os.path.join(workdir, MODEL_FILE)
     tok = Tokenizer(path) if os.path.exists(path) else train_tokenizer(texts, config.model.vocab_size, workdir)
+  own = os.path.join(workdir, MODEL_FILE)
+  if os.path.abspath(tok.path) != os.path.abspath(own):
+    shutil.copyfile(tok.path, own)  # every run directory is self-contained: later stages inherit it
   if tok.vocab_size != config.model.vocab_size:
     raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size is "
                      f"{config.model.vocab_size}")

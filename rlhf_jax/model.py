@@ -206,13 +206,14 @@ class Transformer(nn.Module):
     hidden = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
     logits = None
     if lm_head:
+      # float32 accumulation: log-probs feed PPO ratios and KL, where bf16 rounding is visible.
       if cfg.tie_embeddings:
-        logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(dtype))
+        logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(dtype),
+                            preferred_element_type=jnp.float32)
       else:
         w = self.param("lm_head", nn.with_logical_partitioning(_fan_in_init(0, 1), ("embed", "vocab")),
                        (cfg.d_model, cfg.vocab_size), pdtype)
-        logits = hidden @ w.astype(dtype)
-      logits = logits.astype(jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", hidden, w.astype(dtype), preferred_element_type=jnp.float32)
     # The scalar head stays in float32: rewards and values are compared across sequences.
     head_w = self.param("scalar_head", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                         (cfg.d_model,), jnp.float32)

@@ -8,8 +8,6 @@ bitwise as if it had not stopped. SIGTERM (preemption) saves a checkpoint and ex
 from __future__ import annotations
 
 import os
-import signal
-import time
 from typing import Any
 
 import jax
@@ -18,42 +16,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rlhf_jax import lm
+from rlhf_jax import loop
 from rlhf_jax import sharding as shd
-from rlhf_jax.checkpointing import Checkpointer
 from rlhf_jax.lm_data import LMData, build_lm_data
-from rlhf_jax.metrics import MetricsWriter, progress
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import ModelConfig
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.train_state import create_train_state, state_shardings
 
 OBJECTIVES = ("pretrain", "sft", "distill")
-
-
-class Preemption:
-  """Turns SIGTERM into a flag the loop polls at step boundaries (never mid-step)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: checkpointing and exiting at the end of this step")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
-def _initial_state(config, init_fn, tx, mesh, abstract):
-  """The state a fresh run starts from: a seeded init, with the params of the final checkpoint
-  of the run in config.init_from if given (the SFT/distillation starting point and teacher)."""
-  state, _ = create_train_state(init_fn, tx, mesh, jax.random.PRNGKey(config.train.seed))
-  if config.init_from:
-    with Checkpointer(os.path.join(config.init_from, "checkpoints")) as ckpt:
-      restored, _ = ckpt.restore(abstract)
-    state = state.replace(params=restored.params)
-  return state
 
 
 def _distill_batch(batch: dict[str, np.ndarray], prefix: np.ndarray) -> dict[str, np.ndarray]:
@@ -68,6 +35,7 @@ def evaluate(eval_step, params, data: LMData, mesh) -> dict[str, float]:
   """Loss and perplexity over the whole eval set (exact token-weighted mean)."""
   nll, count = 0.0, 0.0
   for batch in data.eval.in_order():
+    batch.pop("num_valid")  # filler rows are fully masked, so they add nothing to the sums
     out = eval_step(params, shd.shard_batch(batch, mesh))
     nll, count = nll + float(out["nll_sum"]), count + float(out["num_tokens"])
   loss = nll / max(count, 1.0)
@@ -80,65 +48,29 @@ def train(config, workdir: str) -> dict[str, Any]:
     raise ValueError(f"objective={config.objective!r}: expected one of {OBJECTIVES}")
   os.makedirs(workdir, exist_ok=True)
   data = build_lm_data(config, workdir)
-  mesh = shd.make_mesh(config.mesh.shape)
-  model_cfg = ModelConfig.from_dict(config.model)
-  model = Transformer(model_cfg)
-  tx = make_optimizer(config.optimizer, config.train.steps)
-  init_fn = lambda rng: init_params(model_cfg, rng)
-  abstract, shardings = state_shardings(init_fn, tx, mesh)
-
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
-                      async_save=config.train.async_checkpointing)
-  resuming = ckpt.latest_step() is not None
-  state = None if resuming else _initial_state(config, init_fn, tx, mesh, abstract)
+  s = loop.setup(config, workdir)
+  fresh = None if s.ckpt.latest_step() is not None else loop.initial_state(config, s)
   teacher = None
   if config.objective == "distill":  # the frozen initial model, rebuilt identically on resume
-    teacher = (state or _initial_state(config, init_fn, tx, mesh, abstract)).params
+    teacher = (fresh or loop.initial_state(config, s)).params
     teacher = jax.tree.map(lambda x: x.copy(), teacher)  # the step donates the state's buffers
-  if resuming:
-    state, _ = ckpt.restore(abstract)
-    print(f"resumed from step {int(state.step)} in {ckpt.directory}")
+  state = loop.resume_or(s, lambda: fresh)
 
-  train_step = lm.jit_lm_train_step(model, tx, mesh, shardings, distill=teacher is not None)
-  eval_step = lm.jit_lm_eval_step(model, mesh, shardings.params)
+  train_step = lm.jit_lm_train_step(s.model, s.tx, s.mesh, s.shardings, distill=teacher is not None)
+  eval_step = lm.jit_lm_eval_step(s.model, s.mesh, s.shardings.params)
   prefix = np.asarray(data.tokenizer.encode(config.distill.prompt), np.int32)
-  writer = MetricsWriter(workdir)
-  writer.write_config(dict(config.to_dict(), num_train_examples=len(data.train),
-                           num_eval_examples=len(data.eval), malformed_skipped=data.skipped))
-  preemption = Preemption()
-  start_step, last = int(state.step), {}
-  bar = progress(config.train.steps, desc=f"train_lm {config.objective}",
-                 disable=None if config.progress_bar else True)
-  bar.update(start_step)
-  t0 = time.perf_counter()
-  try:
-    for step in range(start_step + 1, config.train.steps + 1):
-      batch = data.train.batch_at(int(state.data_position))
-      if teacher is not None:
-        state, metrics = train_step(state, shd.shard_batch(_distill_batch(batch, prefix), mesh), teacher)
-      else:
-        state, metrics = train_step(state, shd.shard_batch(batch, mesh))
-      bar.update(1)
-      if step % config.train.log_every == 0 or step == config.train.steps:
-        last = {k: float(v) for k, v in metrics.items()}  # the only host sync in the loop
-        last["tokens_per_second"] = (step - start_step) * batch["tokens"].size / (time.perf_counter() - t0)
-        if step % config.train.eval_every == 0 or step == config.train.steps:
-          last.update(evaluate(eval_step, state.params, data, mesh))
-        writer.write(step, last)
-        bar.set_postfix(loss=f"{last['loss']:.3f}")
-      saved = step % config.train.checkpoint_every == 0 or step == config.train.steps
-      if saved:
-        ckpt.save(step, state)
-      if preemption.requested:
-        if not saved:  # orbax refuses a second save of the same step
-          ckpt.save(step, state, force=True)
-        break
-  finally:
-    bar.close()
-    preemption.restore()
-    ckpt.close()
-    writer.close()
-  return last
+
+  def step(state, position):
+    batch = data.train.batch_at(position)
+    if teacher is not None:
+      return train_step(state, shd.shard_batch(_distill_batch(batch, prefix), s.mesh), teacher)
+    return train_step(state, shd.shard_batch(batch, s.mesh))
+
+  return loop.run_steps(config, workdir, s, state, step=step,
+                        evaluate=lambda params: evaluate(eval_step, params, data, s.mesh),
+                        desc=f"train_lm {config.objective}",
+                        run_info=dict(num_train_examples=len(data.train), num_eval_examples=len(data.eval),
+                                      malformed_skipped=data.skipped))
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",

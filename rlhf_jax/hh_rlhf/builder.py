@@ -60,7 +60,9 @@ class HhRlhf(tfds.core.GeneratorBasedBuilder):
     files = catalog.split_files(self.builder_config.name)
     try:
       manual = os.fspath(dl_manager.manual_dir)
-    except AssertionError:  # no manual dir: download from upstream
+    except AssertionError as e:
+      if "not enabled" not in str(e):  # a manual dir was given but is missing or empty
+        raise FileNotFoundError(f"hh-rlhf manual_dir: {e}") from None
       paths = dl_manager.download({s: catalog.url(rel) for s, rel in files.items()})
       return {s: self._generate_examples(s, os.fspath(p)) for s, p in paths.items()}
     found = {s: os.path.join(manual, rel) for s, rel in files.items()

@@ -25,6 +25,10 @@ def load_split(subset: str = "harmless-base", split: str = "test", *, data_dir: 
 
   tfds.disable_progress_bar()  # one bar per split and shard floods the logs of a training run
   catalog.split_files(subset)  # validates the names early
+  if source_dir and not os.path.exists(os.path.join(source_dir, catalog.split_files(subset)[split])):
+    # An explicit local copy without the split is a mistake to report, not a reason to download.
+    raise FileNotFoundError(f"hh-rlhf {subset}/{split}: {catalog.split_files(subset)[split]} not found "
+                            f"under source_dir {source_dir}")
   source_dir = source_dir or catalog.local_source_dir(subset, split)
   builder = HhRlhf(config=subset, data_dir=data_dir, file_format="array_record",
                    skip_malformed=skip_malformed)

@@ -1,0 +1,125 @@
+"""What every trainer shares: mesh/model/optimizer/checkpoint set-up, fresh-or-resumed state, and
+the step loop with logging, evaluation, checkpointing and SIGTERM handling.
+
+Trainers (train_lm, train_pm) only say how to make a batch, how to take a step and how to
+evaluate. A run resumes bitwise because everything a step depends on (params, optimizer state,
+step, RNG, data position) is in the checkpointed TrainState.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+from absl import logging
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding as shd
+from rlhf_jax.checkpointing import Checkpointer
+from rlhf_jax.metrics import MetricsWriter, progress
+from rlhf_jax.model import Transformer, init_params
+from rlhf_jax.model_config import ModelConfig
+from rlhf_jax.optimizer import make_optimizer
+from rlhf_jax.train_state import TrainState, create_train_state, state_shardings
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop polls at step boundaries (never mid-step)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: checkpointing and exiting at the end of this step")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+class Setup(NamedTuple):
+  mesh: Mesh
+  model: Transformer
+  tx: Any
+  abstract: TrainState  # ShapeDtypeStructs with shardings: restore target
+  shardings: TrainState
+  ckpt: Optional[Checkpointer]  # None when set up for evaluation only
+
+
+def setup(config, workdir: Optional[str] = None) -> Setup:
+  mesh = shd.make_mesh(config.mesh.shape)
+  model_cfg = ModelConfig.from_dict(config.model)
+  tx = make_optimizer(config.optimizer, config.train.steps)
+  abstract, shardings = state_shardings(lambda r: init_params(model_cfg, r), tx, mesh)
+  ckpt = workdir and Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=config.train.keep_checkpoints,
+                                 async_save=config.train.async_checkpointing)
+  return Setup(mesh, Transformer(model_cfg), tx, abstract, shardings, ckpt)
+
+
+def initial_state(config, s: Setup) -> TrainState:
+  """A fresh run's state: a seeded init, with the params of the final checkpoint of the run in
+  config.init_from if given (e.g. the LM a PM or an SFT run starts from)."""
+  state, _ = create_train_state(lambda r: init_params(s.model.cfg, r), s.tx, s.mesh,
+                                jax.random.PRNGKey(config.train.seed))
+  if config.init_from:
+    state = state.replace(params=restore_params(config.init_from, s.abstract))
+  return state
+
+
+def restore_params(run_dir: str, abstract: TrainState):
+  """Final params of an earlier run (any optimizer config of the same structure), onto
+  abstract's shardings."""
+  with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+    return ckpt.restore(abstract)[0].params
+
+
+def resume_or(s: Setup, fresh: Callable[[], TrainState]) -> TrainState:
+  if s.ckpt.latest_step() is None:
+    return fresh()
+  state, _ = s.ckpt.restore(s.abstract)
+  print(f"resumed from step {int(state.step)} in {s.ckpt.directory}")
+  return state
+
+
+def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
+              step: Callable[[TrainState, int], tuple[TrainState, dict]],
+              evaluate: Callable[[Any], dict], desc: str,
+              run_info: Optional[dict] = None) -> dict[str, float]:
+  """Steps to config.train.steps; `step(state, data_position)` makes its batch and updates.
+  Returns the last logged metrics."""
+  t = config.train
+  writer = MetricsWriter(workdir)
+  writer.write_config(dict(config.to_dict(), **(run_info or {})))
+  preemption = Preemption()
+  start, last = int(state.step), {}
+  bar = progress(t.steps, desc=desc, disable=None if config.progress_bar else True)
+  bar.update(start)
+  t0 = time.perf_counter()
+  try:
+    for i in range(start + 1, t.steps + 1):
+      state, metrics = step(state, int(state.data_position))
+      bar.update(1)
+      if i % t.log_every == 0 or i == t.steps:
+        last = {k: float(v) for k, v in metrics.items()}  # the only host sync in the loop
+        last["steps_per_second"] = (i - start) / (time.perf_counter() - t0)
+        if i % t.eval_every == 0 or i == t.steps:
+          last.update(evaluate(state.params))
+        writer.write(i, last)
+        bar.set_postfix(loss=f"{last['loss']:.3f}")
+      saved = i % t.checkpoint_every == 0 or i == t.steps
+      if saved:
+        s.ckpt.save(i, state)
+      if preemption.requested:
+        if not saved:  # orbax refuses a second save of the same step
+          s.ckpt.save(i, state, force=True)
+        break
+  finally:
+    bar.close()
+    preemption.restore()
+    s.ckpt.close()
+    writer.close()
+  return last

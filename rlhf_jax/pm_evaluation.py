@@ -1,0 +1,63 @@
+"""Preference-model evaluation: scores of held-out comparisons, accuracy with a 95% interval,
+calibration table, reliability plot and ECE; saves the PM's score normalisation.
+
+evaluate_pm writes into the PM's run directory: eval_pm.json, calibration.md, reliability.png
+and score_normalisation.json (read by PPO to normalise rewards).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import ml_collections
+import numpy as np
+
+from rlhf_jax import calibration as cal
+from rlhf_jax import sharding as shd
+from rlhf_jax import loop, pm
+from rlhf_jax.lm_data import load_or_train_tokenizer, train_eval_records
+from rlhf_jax.pm_data import PMBatcher, encode_comparison
+
+
+def score_all(score_step, params, batcher: PMBatcher, mesh) -> np.ndarray:
+  """Scores [num_examples, K] of every example, in order."""
+  out = []
+  for batch in batcher.in_order():
+    n = int(batch.pop("num_valid"))
+    out.append(np.asarray(score_step(params, shd.shard_batch(batch, mesh)))[:n])
+  return np.concatenate(out)
+
+
+def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(run_dir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_pm(pm_dir: str, data_path: Optional[str] = None) -> dict:
+  """Scores the PM's eval comparisons (or those of data_path) and writes the reports."""
+  config = load_run_config(pm_dir)
+  if data_path:  # the whole file is the evaluation set
+    config.data.path, config.data.eval_split, config.data.eval_fraction = data_path, "", 1.0
+  _, eval_recs, _ = train_eval_records(config, pm_dir)
+  tok = load_or_train_tokenizer(config, [], pm_dir)
+  t = config.train
+  batcher = PMBatcher([encode_comparison(tok, r) for r in eval_recs], batch_size=t.batch_size,
+                      seq_len=t.seq_len, seed=t.seed, pad_id=tok.pad_id)
+  s = loop.setup(config)
+  params = loop.restore_params(pm_dir, s.abstract)
+  scores = score_all(pm.jit_pm_score_step(s.model, s.mesh, s.shardings.params), params, batcher, s.mesh)
+
+  acc = cal.accuracy_interval(scores[:, 0], scores[:, 1])
+  calib = cal.calibration(scores[:, 0], scores[:, 1], num_bins=config.get("calibration_bins", 10))
+  norm = cal.score_normalisation(scores)
+  cal.save_normalisation(norm, pm_dir)
+  cal.reliability_plot(calib, os.path.join(pm_dir, "reliability.png"),
+                       title=f"PM calibration (N={acc.n} comparisons)")
+  with open(os.path.join(pm_dir, "calibration.md"), "w") as f:
+    f.write(cal.calibration_table(calib) + "\n")
+  report = {"accuracy": acc._asdict(), "ece": calib.ece, "normalisation": norm,
+            "mean_margin": float(np.mean(scores[:, 0] - scores[:, 1]))}
+  with open(os.path.join(pm_dir, "eval_pm.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report

@@ -1,0 +1,92 @@
+"""Preference-model training: optional preference-model pretraining (PMP), then human comparisons.
+
+  python -m rlhf_jax.train_pm --config=configs/pm.py:tiny [--config.init_from=runs/lm_tiny]
+
+With config.pmp.path set, a first stage trains on that comparison file (any file in the hh-rlhf
+format: StackExchange/Reddit-style data in the paper) in <workdir>/pmp, and the main stage
+finetunes from it. Every stage resumes from its checkpoints. At the end the PM is evaluated
+(accuracy with a 95% interval, calibration, ECE) and its score normalisation is saved beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rlhf_jax import loop, pm
+from rlhf_jax import sharding as shd
+from rlhf_jax.lm_data import load_or_train_tokenizer, train_eval_records
+from rlhf_jax.pm_data import PMBatcher, encode_comparison, split_in_halves
+from rlhf_jax.pm_evaluation import evaluate_pm, score_all
+
+
+def _records(config, workdir):
+  train_recs, eval_recs, skipped = train_eval_records(config, workdir)
+  if config.data.half:  # the train-PM / test-PM robustness split of Bai et al. section 4.3
+    train_recs = split_in_halves(train_recs, config.data.half_seed)["ab".index(config.data.half)]
+  return train_recs, eval_recs, skipped
+
+
+def _stage(config, workdir: str) -> dict[str, Any]:
+  os.makedirs(workdir, exist_ok=True)
+  train_recs, eval_recs, skipped = _records(config, workdir)
+  tok = load_or_train_tokenizer(config, [r["chosen"] for r in train_recs], workdir)
+  t = config.train
+  make = lambda recs: PMBatcher([encode_comparison(tok, r) for r in recs], batch_size=t.batch_size,
+                                seq_len=t.seq_len, seed=t.seed, pad_id=tok.pad_id)
+  train_data, eval_data = make(train_recs), make(eval_recs)
+  s = loop.setup(config, workdir)
+  state = loop.resume_or(s, lambda: loop.initial_state(config, s))
+  train_step = pm.jit_pm_train_step(s.model, s.tx, s.mesh, s.shardings, lm_weight=config.lm_weight)
+  score_step = pm.jit_pm_score_step(s.model, s.mesh, s.shardings.params)
+
+  def evaluate(params):
+    scores = score_all(score_step, params, eval_data, s.mesh)
+    return {"eval_accuracy": float(np.mean(scores[:, 0] > scores[:, 1])),
+            "eval_preference_loss": float(np.mean(np.logaddexp(0.0, scores[:, 1] - scores[:, 0])))}
+
+  step = lambda state, position: train_step(state, shd.shard_batch(train_data.batch_at(position), s.mesh))
+  return loop.run_steps(config, workdir, s, state, step=step, evaluate=evaluate, desc="train_pm",
+                        run_info=dict(num_train_comparisons=len(train_data),
+                                      num_eval_comparisons=len(eval_data), malformed_skipped=skipped))
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  if config.pmp.path:
+    pmp = config.copy_and_resolve_references()
+    with pmp.unlocked():
+      pmp.data.path, pmp.train.steps = config.pmp.path, config.pmp.steps
+    pmp_dir = os.path.join(workdir, "pmp")
+    _stage(pmp, pmp_dir)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.init_from = pmp_dir
+  last = _stage(config, workdir)
+  report = evaluate_pm(workdir)
+  print(json.dumps(report["accuracy"], indent=None))
+  return last
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pm.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/pm.py:tiny")
+  workdir = _WORKDIR.value or config.workdir
+  last = train(config, workdir)
+  print(f"done: {workdir}; last: {last}")
+
+
+if __name__ == "__main__":
+  app.run(main)
