@@ -27,7 +27,7 @@ def encode_dialogue(tok: Tokenizer, dialogue: str, *, assistant_only: bool) -> E
   """
   tokens, mask = [], []
   for turn in parse_turns(dialogue):
-    marker, text = tok.encode(f"\n\n{turn.role}:"), tok.encode(" " + turn.text if turn.text else "")
+    marker, text = tok.encode(f"\n\n{turn.role}:"), tok.encode(turn.raw)
     target = not assistant_only or turn.role == "Assistant"
     tokens += marker + text
     mask += [not assistant_only] * len(marker) + [target] * len(text)

@@ -18,6 +18,7 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 class Turn(NamedTuple):
   role: str  # "Human" or "Assistant"
   text: str  # without the marker and the single space after it
+  raw: str  # exactly what follows the marker up to the next one (lossless)
 
 
 class Comparison(NamedTuple):
@@ -34,7 +35,7 @@ def parse_turns(dialogue: str) -> list[Turn]:
   turns = []
   for m, nxt in zip(starts, starts[1:] + [None]):
     text = dialogue[m.end():nxt.start() if nxt else len(dialogue)]
-    turns.append(Turn(m.group(1), text[1:] if text.startswith(" ") else text))
+    turns.append(Turn(m.group(1), text[1:] if text.startswith(" ") else text, text))
   return turns
 
 

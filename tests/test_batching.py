@@ -82,9 +82,6 @@ def test_all_tokens_are_targets_without_assistant_only(tok, records):
     assert all(m is True for m in full.loss_mask) and len(full.loss_mask) == len(full.tokens)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: parse_turns strips the space after a marker, and "
-                   "encode_dialogue encodes an empty turn text as nothing, so a dialogue ending in "
-                   "'\\n\\nAssistant: ' (4 real harmless-base test records) loses that space")
 def test_encode_dialogue_is_lossless(tok, records):
   hand = "\n\nHuman: Say nothing.\n\nAssistant: "
   assert tok.decode(encode_dialogue(tok, hand, assistant_only=True).tokens) == hand

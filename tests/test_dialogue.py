@@ -34,22 +34,26 @@ def _reference_prompt(chosen: str, rejected: str) -> str:
 
 # --- parse_turns ----------------------------------------------------------------------------------
 
+
+def _role_text(turns):
+  return [(t.role, t.text) for t in turns]
+
 def test_parse_turns_roles_and_texts():
   d = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: Fine, thanks."
-  assert parse_turns(d) == [Turn("Human", "Hi there"), Turn("Assistant", "Hello!"),
-                            Turn("Human", "How are you?"), Turn("Assistant", "Fine, thanks.")]
+  assert _role_text(parse_turns(d)) == [("Human", "Hi there"), ("Assistant", "Hello!"),
+                                        ("Human", "How are you?"), ("Assistant", "Fine, thanks.")]
 
 
 def test_parse_turns_multiline_text_stays_in_its_turn():
   # Single newlines and a blank line not followed by a marker are part of the text.
   d = "\n\nHuman: line one\nline two\n\nstill me\n\nAssistant: a\n  b\n"
-  assert parse_turns(d) == [Turn("Human", "line one\nline two\n\nstill me"), Turn("Assistant", "a\n  b\n")]
+  assert _role_text(parse_turns(d)) == [("Human", "line one\nline two\n\nstill me"), ("Assistant", "a\n  b\n")]
 
 
 def test_parse_turns_only_one_space_is_stripped_and_empty_final_turn():
   d = "\n\nHuman:  two spaces\n\nAssistant:"
-  assert parse_turns(d) == [Turn("Human", " two spaces"), Turn("Assistant", "")]
-  assert parse_turns("\n\nHuman:no space") == [Turn("Human", "no space")]
+  assert parse_turns(d) == [Turn("Human", " two spaces", "  two spaces"), Turn("Assistant", "", "")]
+  assert parse_turns("\n\nHuman:no space") == [Turn("Human", "no space", "no space")]
 
 
 @pytest.mark.parametrize("d", ["Hello\n\nHuman: hi\n\nAssistant: yo", " \n\nHuman: hi", "",

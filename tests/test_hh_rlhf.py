@@ -50,7 +50,7 @@ MALFORMED = {
                        None, "share no Assistant turn"),
     # 0xff can never occur in UTF-8; it sits at byte 14 of the line (0-based).
     "bad_utf8": (b'{"chosen": "\\n\xff\\nHuman: q\\n\\nAssistant: a", "rejected": "x"}', None,
-                 "invalid UTF-8 at byte 14"),
+                 "invalid UTF-8 (at byte 14)"),
 }
 
 
@@ -138,8 +138,6 @@ def test_skip_malformed_counts_every_kind(tmp_path):
     read_comparisons(path)  # the default is to fail
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the UTF-8 problem text carries its byte offset outside "
-                   "'(...)', so ReadReport.skipped counts each offset as a separate kind")
 def test_invalid_utf8_counted_as_one_kind(tmp_path):
   lines = [b'{"chosen": "\xff"}', b'{"chosen": "ab\xfe"}', _good(1)]
   _, report = read_comparisons(_write(tmp_path / "utf8.jsonl.gz", lines), skip_malformed=True)
@@ -203,8 +201,8 @@ def _red_team_bad_lines(tmp_path):
 
 def test_red_team_missing_field_and_bad_jsonl_lines(tmp_path):
   path, missing = _red_team_bad_lines(tmp_path)
-  # A line that is not JSON fails while reading, before any record is checked.
-  with pytest.raises(MalformedRecordError, match=f"{path}, line 3: not JSON"):
+  # Records are checked in file order: the first problem (line 2) is the one reported.
+  with pytest.raises(MalformedRecordError, match=f"{path}, line 2, field 'min_harmlessness_score_transcript'"):
     read_red_team(path)
   got, report = read_red_team(path, skip_malformed=True)
   assert [r["line"] for r in got] == [1]
@@ -215,16 +213,12 @@ def test_red_team_missing_field_and_bad_jsonl_lines(tmp_path):
     read_red_team(path)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with skip_malformed, read_red_team stores a JSONL line that is "
-                   "not JSON as None, so it is counted as 'not a JSON object'")
 def test_red_team_skipped_kinds(tmp_path):
   path, _ = _red_team_bad_lines(tmp_path)
   _, report = read_red_team(path, skip_malformed=True)
   assert report.skipped == {"missing field": 1, "not JSON": 1, "not a JSON object": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a JSON array that does not parse raises json.JSONDecodeError "
-                   "from read_red_team, not a MalformedRecordError naming the file")
 def test_red_team_truncated_array_names_file(tmp_path):
   path = tmp_path / "red.json"
   path.write_text(json.dumps([_red(0), _red(1)])[:-20])

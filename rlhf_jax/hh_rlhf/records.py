@@ -70,7 +70,7 @@ def _comparison(raw: bytes, path: str, line: int) -> dict[str, Any]:
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise MalformedRecordError(path, line, f"invalid UTF-8 at byte {e.start}") from None
+    raise MalformedRecordError(path, line, f"invalid UTF-8 (at byte {e.start})") from None
   try:
     record = json.loads(text)
   except json.JSONDecodeError as e:
@@ -115,8 +115,20 @@ RED_TEAM_FIELDS = {"transcript": str, "rating": (int, float), "min_harmlessness_
                    "task_description": str}
 
 
+def _red_team_record(record: Any, path: str, i: int) -> dict:
+  if not isinstance(record, dict):
+    raise MalformedRecordError(path, i, f"not a JSON object ({type(record).__name__})")
+  for field, kind in RED_TEAM_FIELDS.items():
+    if field not in record:
+      raise MalformedRecordError(path, i, "missing field", field)
+    if not isinstance(record[field], kind) or isinstance(record[field], bool):
+      raise MalformedRecordError(path, i, f"wrong type ({type(record[field]).__name__})", field)
+  return {k: record[k] for k in RED_TEAM_FIELDS} | {"line": i}
+
+
 def read_red_team(path: str, *, skip_malformed: bool = False) -> tuple[list[dict], ReadReport]:
-  """red-team-attempts: one JSON array (as published) or JSONL of transcript records."""
+  """red-team-attempts: one JSON array (as published; "line" is then the 1-based array index)
+  or JSONL of transcript records."""
   path = os.fspath(path)
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:
@@ -124,33 +136,35 @@ def read_red_team(path: str, *, skip_malformed: bool = False) -> tuple[list[dict
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise MalformedRecordError(path, 1, f"invalid UTF-8 at byte {e.start}") from None
-  if text.lstrip().startswith("["):
-    items = [(i, r) for i, r in enumerate(json.loads(text), start=1)]  # "line" = array index
-  else:
-    items = []
-    for i, row in enumerate(text.splitlines(), start=1):
-      if row.strip():
-        try:
-          items.append((i, json.loads(row)))
-        except json.JSONDecodeError as e:
-          if not skip_malformed:
-            raise MalformedRecordError(path, i, f"not JSON ({e.msg})") from None
-          items.append((i, None))
+    raise MalformedRecordError(path, 1, f"invalid UTF-8 (at byte {e.start})") from None
   report, out = ReadReport(path), []
-  for i, record in items:
+
+  def parse(i: int, raw: str, make):
     try:
-      if not isinstance(record, dict):
-        raise MalformedRecordError(path, i, "not a JSON object")
-      for field, kind in RED_TEAM_FIELDS.items():
-        if field not in record:
-          raise MalformedRecordError(path, i, "missing field", field)
-        if not isinstance(record[field], kind) or isinstance(record[field], bool):
-          raise MalformedRecordError(path, i, f"wrong type ({type(record[field]).__name__})", field)
-      out.append({k: record[k] for k in RED_TEAM_FIELDS} | {"line": i})
+      out.append(make(i, raw))
     except MalformedRecordError as e:
       if not skip_malformed:
         raise
       report.skipped[e.problem.split(" (")[0]] += 1
+      if len(report.first_errors) < 10:
+        report.first_errors.append(str(e))
+
+  def from_json(i, raw):
+    try:
+      return _red_team_record(json.loads(raw), path, i)
+    except json.JSONDecodeError as e:
+      raise MalformedRecordError(path, i, f"not JSON ({e.msg})") from None
+
+  if text.lstrip().startswith("["):
+    try:
+      items = json.loads(text)
+    except json.JSONDecodeError as e:  # a truncated download, typically: nothing is usable
+      raise MalformedRecordError(path, e.lineno, f"not JSON ({e.msg} at column {e.colno})") from None
+    for i, record in enumerate(items, start=1):
+      parse(i, record, lambda i, r: _red_team_record(r, path, i))
+  else:
+    for i, row in enumerate(text.splitlines(), start=1):
+      if row.strip():
+        parse(i, row, from_json)
   report.records = len(out)
   return out, report
