@@ -14,9 +14,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job (CPU, offline). For now: train the tiny LM; the scaling sweep replaces it.
+# The main job (CPU, offline): pretrain the tiny LM on hh-rlhf dialogues, then train and
+# evaluate a preference model from it. The scaling sweep (reward vs sqrt KL) will replace it.
 run: setup
-	$(PY) -m rlhf_jax.train_lm --config=configs/lm.py:$(PRESET)
+	$(PY) -m rlhf_jax.train_lm --config=configs/lm.py:$(PRESET) --workdir=runs/lm_$(PRESET)
+	$(PY) -m rlhf_jax.train_pm --config=configs/pm.py:$(PRESET) --workdir=runs/pm_$(PRESET) \
+	    --config.init_from=runs/lm_$(PRESET)
+	@echo "PM report: runs/pm_$(PRESET)/eval_pm.json, calibration.md, reliability.png"
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -36,6 +36,17 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
+  def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
+    """Only the params of a saved state, onto abstract_params' shardings: how one run starts from
+    another's weights (an LM for a PM, a PM for a value model) whatever its optimizer state."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return self._manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 

@@ -74,7 +74,7 @@ def restore_params(run_dir: str, abstract: TrainState):
   """Final params of an earlier run (any optimizer config of the same structure), onto
   abstract's shardings."""
   with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
-    return ckpt.restore(abstract)[0].params
+    return ckpt.restore_params(abstract.params)
 
 
 def resume_or(s: Setup, fresh: Callable[[], TrainState]) -> TrainState:

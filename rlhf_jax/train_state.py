@@ -25,20 +25,22 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # uint32[2] raw key: the stream for dropout/sampling in later steps
   data_position: jax.Array  # int32 scalar: examples consumed, for resumable input
+  extra: Any = None  # trainer-specific arrays that must survive a resume (e.g. PPO's KL coefficient)
 
 
 def _boxed_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                 rng: jax.Array) -> TrainState:
+                 rng: jax.Array, extra: Any = None) -> TrainState:
   params_rng, state_rng = jax.random.split(rng)
   params = init_params(params_rng)  # logically partitioned boxes
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=state_rng, data_position=jnp.zeros((), jnp.int32))
+                    rng=state_rng, data_position=jnp.zeros((), jnp.int32),
+                    extra=jax.tree.map(jnp.asarray, extra))
 
 
 def state_shardings(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                    mesh: Mesh) -> tuple[TrainState, TrainState]:
+                    mesh: Mesh, extra: Any = None) -> tuple[TrainState, TrainState]:
   """(abstract unboxed state, shardings) without allocating anything."""
-  boxed = jax.eval_shape(lambda r: _boxed_state(init_params, tx, r), jax.random.PRNGKey(0))
+  boxed = jax.eval_shape(lambda r: _boxed_state(init_params, tx, r, extra), jax.random.PRNGKey(0))
   shardings = shd.logical_to_shardings(boxed, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
@@ -46,8 +48,9 @@ def state_shardings(init_params: Callable[[jax.Array], Any], tx: optax.GradientT
 
 
 def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                       mesh: Mesh, rng: jax.Array) -> tuple[TrainState, TrainState]:
-  """Initialises the state sharded on `mesh`; returns (state, shardings)."""
-  _, shardings = state_shardings(init_params, tx, mesh)
-  init = jax.jit(lambda r: nn.meta.unbox(_boxed_state(init_params, tx, r)), out_shardings=shardings)
+                       mesh: Mesh, rng: jax.Array, extra: Any = None) -> tuple[TrainState, TrainState]:
+  """Initialises the state sharded on `mesh`; returns (state, shardings). `extra` (a pytree of
+  scalars/arrays, replicated) starts at the given values."""
+  _, shardings = state_shardings(init_params, tx, mesh, extra)
+  init = jax.jit(lambda r: nn.meta.unbox(_boxed_state(init_params, tx, r, extra)), out_shardings=shardings)
   return init(rng), shardings

@@ -1,0 +1,50 @@
+"""RLHF with PPO: `--config=configs/ppo.py:PRESET` (the preset names the policy's size).
+
+Required: --config.policy_from=RUN (an LM run: SFT or context-distilled) and --config.pm_dir=RUN
+(a PM run evaluated by train_pm/eval_pm, so that its score normalisation exists).
+"""
+import ml_collections
+
+from configs import lm
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  tiny = preset == "tiny"
+  c = lm.get_config(preset)
+  for key in ("objective", "distill", "init_from", "tokenizer"):
+    del c[key]
+  del c["model"]  # the policy's architecture is the one of policy_from
+  c.policy_from = ""
+  c.pm_dir = ""
+  c.value_from = "pm"  # "pm": a separate value network initialised from the PM; "shared": the
+  #                      policy's trunk with its scalar head as the value head
+  c.kl = ml_collections.ConfigDict({
+      "coef": 0.001,  # lambda_KL of Bai et al. 2022
+      "adaptive": False,  # Ziegler et al. 2019 controller towards `target` nats per sequence
+      "target": 6.0,
+      "horizon": 10000,
+  })
+  c.ppo = ml_collections.ConfigDict({
+      "rollout_batch": 16 if tiny else 512,  # prompts per iteration
+      "num_minibatches": 2 if tiny else 8,
+      "epochs": 2 if tiny else 4,
+      "prompt_len": 32 if tiny else 256,
+      "max_new_tokens": 16 if tiny else 256,
+      "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+      "gamma": 1.0, "lam": 0.95,
+      "clip_eps": 0.2, "value_clip_eps": 0.2,
+      "vf_coef": 0.5, "entropy_coef": 0.0,
+      "whiten_advantages": True,
+  })
+  c.optimizer.learning_rate = 1e-4 if tiny else 1e-6
+  c.optimizer.warmup_steps = 0
+  c.optimizer.final_lr_fraction = 1.0
+  c.optimizer.weight_decay = 0.0
+  c.train.steps = 30 if tiny else 1000  # PPO iterations
+  c.train.eval_every = 10 if tiny else 50
+  c.train.checkpoint_every = 10 if tiny else 50
+  c.train.log_every = 1
+  c.eval = ml_collections.ConfigDict({"num_prompts": 32 if tiny else 256, "seed": 1234,
+                                      "pm_dirs": ()})  # extra PMs to score with, e.g. a test PM
+  c.workdir = f"runs/ppo_{preset}"
+  return c

@@ -1,0 +1,206 @@
+"""RLHF with PPO against a frozen preference model, with a per-token KL penalty to the initial policy.
+
+  python -m rlhf_jax.train_ppo --config=configs/ppo.py:tiny \\
+      --config.policy_from=runs/lm_tiny --config.pm_dir=runs/pm_tiny
+
+Each iteration: sample prompts, generate with the KV-cache sampler, score (policy/reference
+log-probs, values, normalised PM reward, KL-penalised rewards, GAE), then epochs x minibatches of
+clipped PPO updates. Logged per iteration: PM reward (raw and normalised), KL(policy || initial)
+per sequence by the k1 estimator (see rlhf_jax.ppo) and its square root, entropy, losses, clip
+fractions, approximate KL between iterations, response length and lambda_KL. Every
+eval.every iterations, fixed held-out prompts with fixed sampling seeds are scored by the
+training PM and by every PM in eval.pm_dirs (e.g. a held-out "test PM").
+"""
+from __future__ import annotations
+
+import filecmp
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rlhf_jax import loop, ppo
+from rlhf_jax import sharding as shd
+from rlhf_jax.batching import Batcher, Encoded
+from rlhf_jax.calibration import load_normalisation
+from rlhf_jax.checkpointing import Checkpointer
+from rlhf_jax.dialogue import human_turns_prompt
+from rlhf_jax.lm_data import train_eval_records
+from rlhf_jax.model import Transformer, init_params
+from rlhf_jax.model_config import ModelConfig
+from rlhf_jax.optimizer import make_optimizer
+from rlhf_jax.pm_evaluation import load_run_config
+from rlhf_jax.ppo_steps import Models, PPOHyper, ppo_update, pm_score, score_rollout
+from rlhf_jax.sampling import generate
+from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer
+from rlhf_jax.train_state import create_train_state, state_shardings
+
+
+class PromptBatcher(Batcher):
+  """Prompts truncated from the left and left-padded: [batch, prompt_len] tokens and mask."""
+
+  def _fit(self, example: Encoded) -> Encoded:
+    return Encoded(example.tokens[-self.seq_len:], example.loss_mask[-self.seq_len:])
+
+  def _filler(self):
+    return self.examples[0]
+
+  def _collate(self, rows):
+    tokens = np.full((len(rows), self.seq_len), self.pad_id, np.int32)
+    mask = np.zeros((len(rows), self.seq_len), bool)
+    for i, ex in enumerate(rows):
+      n = len(ex.tokens)
+      tokens[i, self.seq_len - n:], mask[i, self.seq_len - n:] = ex.tokens, True
+    return {"tokens": tokens, "attention_mask": mask}
+
+
+class FrozenModel:
+  """A trained run's model and params (policy at initialisation, or a PM with its normalisation)."""
+
+  def __init__(self, run_dir: str, mesh, with_normalisation: bool = False):
+    config = load_run_config(run_dir)
+    cfg = ModelConfig.from_dict(config.model)
+    self.run_dir, self.model = run_dir, Transformer(cfg)
+    tx = make_optimizer(config.optimizer, config.train.steps)
+    self.abstract, self.shardings = state_shardings(lambda r: init_params(cfg, r), tx, mesh)
+    self.params = loop.restore_params(run_dir, self.abstract)
+    self.normalisation = load_normalisation(run_dir) if with_normalisation else None
+
+
+def _same_tokenizer(*run_dirs: str) -> Tokenizer:
+  paths = [os.path.join(d, MODEL_FILE) for d in run_dirs]
+  for p in paths[1:]:
+    if not filecmp.cmp(paths[0], p, shallow=False):
+      raise ValueError(f"{p} differs from {paths[0]}: the policy and PMs must share one tokenizer")
+  return Tokenizer(paths[0])
+
+
+def _prompts(config, tok: Tokenizer, workdir: str) -> tuple[PromptBatcher, PromptBatcher]:
+  train_recs, eval_recs, _ = train_eval_records(config, workdir)
+  encode = lambda recs: [Encoded(tok.encode(human_turns_prompt(r["chosen"])), []) for r in recs]
+  make = lambda recs, n: PromptBatcher(encode(recs), batch_size=n, seq_len=config.ppo.prompt_len,
+                                       seed=config.train.seed, pad_id=tok.pad_id)
+  return make(train_recs, config.ppo.rollout_batch), make(eval_recs[:config.eval.num_prompts],
+                                                          config.eval.num_prompts)
+
+
+def _hyper(c) -> PPOHyper:
+  return PPOHyper(gamma=c.gamma, lam=c.lam, clip_eps=c.clip_eps, value_clip_eps=c.value_clip_eps,
+                  vf_coef=c.vf_coef, entropy_coef=c.entropy_coef, epochs=c.epochs,
+                  num_minibatches=c.num_minibatches, whiten_advantages=c.whiten_advantages)
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  os.makedirs(workdir, exist_ok=True)
+  mesh = shd.make_mesh(config.mesh.shape)
+  c = config.ppo
+  if c.rollout_batch % c.num_minibatches:
+    raise ValueError(f"ppo.rollout_batch={c.rollout_batch} must be divisible by ppo.num_minibatches")
+  policy0 = FrozenModel(config.policy_from, mesh)
+  pm = FrozenModel(config.pm_dir, mesh, with_normalisation=True)
+  eval_pms = {"pm": pm} | {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True)
+                           for d in config.eval.pm_dirs}
+  tok = _same_tokenizer(config.policy_from, config.pm_dir, *config.eval.pm_dirs)
+  train_prompts, eval_prompts = _prompts(config, tok, workdir)
+  shared = config.value_from == "shared"
+  if config.value_from not in ("pm", "shared"):
+    raise ValueError(f"value_from={config.value_from!r}: expected 'pm' or 'shared'")
+  models = Models(policy0.model, policy0.model if shared else pm.model, pm.model)
+
+  def init_fn(rng):
+    r1, r2 = jax.random.split(rng)
+    params = {"policy": init_params(policy0.model.cfg, r1)}
+    if not shared:
+      params["value"] = init_params(pm.model.cfg, r2)
+    return params
+
+  total_updates = config.train.steps * c.epochs * c.num_minibatches
+  tx = make_optimizer(config.optimizer, total_updates)
+  extra = {"kl_coef": jnp.float32(config.kl.coef)}
+  abstract, shardings = state_shardings(init_fn, tx, mesh, extra)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,
+                      async_save=config.train.async_checkpointing)
+  s = loop.Setup(mesh, policy0.model, tx, abstract, shardings, ckpt)
+
+  def fresh():
+    state, _ = create_train_state(init_fn, tx, mesh, jax.random.PRNGKey(config.train.seed), extra)
+    params = {"policy": jax.tree.map(jnp.copy, policy0.params)}
+    if not shared:
+      params["value"] = jax.tree.map(jnp.copy, pm.params)  # value model initialised from the PM
+    return state.replace(params=params)
+
+  state = loop.resume_or(s, fresh)
+  hyper = _hyper(c)
+  sample = functools.partial(generate, model=policy0.model, max_new_tokens=c.max_new_tokens,
+                             temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, eos_id=tok.eos_id,
+                             pad_id=tok.pad_id)
+  score = jax.jit(functools.partial(score_rollout, models=models, hyper=hyper, eoc_id=tok.eoc_id))
+  update = jax.jit(functools.partial(ppo_update, models=models, hyper=hyper, tx=tx), donate_argnums=(0,))
+  norm = pm.normalisation
+
+  def step(state, position):
+    batch = train_prompts.batch_at(position)
+    gen_rng, update_rng, next_rng = jax.random.split(state.rng, 3)
+    gen = sample(state.params["policy"], batch["tokens"], batch["attention_mask"], gen_rng)
+    rollout, metrics = score(state.params, policy0.params, pm.params, gen, state.extra["kl_coef"],
+                             norm["mean"], norm["std"])
+    state, update_metrics = update(state, rollout, update_rng)  # donates the old state's buffers
+    kl_coef = state.extra["kl_coef"]
+    if config.kl.adaptive:
+      kl_coef = ppo.adaptive_kl_coef(kl_coef, metrics["kl"], c.rollout_batch, config.kl.target,
+                                     config.kl.horizon)
+    state = state.replace(step=state.step + 1, rng=next_rng, extra={"kl_coef": kl_coef},
+                          data_position=state.data_position + c.rollout_batch)
+    return state, {**metrics, **update_metrics, "loss": update_metrics["policy_loss"]}
+
+  def evaluate(params):
+    batch = eval_prompts.in_order()[0]
+    gen = sample(params["policy"], batch["tokens"], batch["attention_mask"],
+                 jax.random.PRNGKey(config.eval.seed))  # the same samples' seeds every time
+    tokens = jnp.concatenate([gen.prompt_tokens, gen.tokens], axis=1)
+    mask = jnp.concatenate([gen.prompt_mask, gen.mask], axis=1)
+    p = gen.prompt_tokens.shape[1]
+
+    def logp(model_params):
+      logits = policy0.model.apply({"params": model_params}, tokens, attention_mask=mask).logits
+      lp = jax.nn.log_softmax(logits[:, p - 1:-1], axis=-1)
+      return jnp.take_along_axis(lp, gen.tokens[..., None], axis=-1)[..., 0]
+
+    kl = float(ppo.sequence_kl(logp(params["policy"]), logp(policy0.params), gen.mask).mean())
+    out = {"eval_kl": kl, "eval_sqrt_kl": float(np.sqrt(max(kl, 0.0))),
+           "eval_response_length": float(gen.mask.sum(axis=1).mean())}
+    for name, frozen in eval_pms.items():
+      raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask,
+                     tok.eoc_id)
+      n = frozen.normalisation
+      out[f"eval_{name}_reward"] = float(((raw - n["mean"]) / n["std"]).mean())
+      out[f"eval_{name}_reward_raw"] = float(raw.mean())
+    return out
+
+  return loop.run_steps(config, workdir, s, state, step=step, evaluate=evaluate, desc="train_ppo",
+                        run_info={"num_train_prompts": len(train_prompts)})
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ppo.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/ppo.py:tiny")
+  workdir = _WORKDIR.value or config.workdir
+  print(f"done: {workdir}; last: {train(config, workdir)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
