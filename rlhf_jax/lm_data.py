@@ -48,7 +48,7 @@ def train_eval_records(config, workdir: str) -> tuple[list[dict], list[dict], in
   pretraining data) and replaces data.subset / data.split.
   """
   d = config.data
-  records, skipped = _file_records(config) if d.path else _records(config, d.split, workdir)
+  records, skipped = _file_records(config) if d.get("path") else _records(config, d.split, workdir)
   if d.max_examples:
     records = records[:d.max_examples]
   if d.eval_split:

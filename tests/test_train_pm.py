@@ -11,6 +11,7 @@ import subprocess
 import sys
 import types
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from rlhf_jax.checkpointing import Checkpointer
 from rlhf_jax.hh_rlhf.records import read_comparisons
 from rlhf_jax.lm_data import train_eval_records
 from rlhf_jax.metrics import read_metrics
+from rlhf_jax.model import init_params
 from rlhf_jax.pm_data import PMBatcher, encode_comparison, split_in_halves
 from rlhf_jax.pm_evaluation import evaluate_pm, load_run_config
 from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer
@@ -102,11 +104,12 @@ def _batcher(config, run_dir, records):
 
 
 def _scores(model, params, batcher):
-  """[n, 2] scores by plain model.apply (no jit, no mesh), in file order."""
+  """[n, 2] scores by model.apply on one device (no mesh, no shardings), in file order."""
+  score = jax.jit(lambda p, batch: pm.pm_scores(p, model, batch)[0])
   out = []
   for batch in batcher.in_order():
     n = int(batch.pop("num_valid"))
-    out.append(np.asarray(pm.pm_scores(params, model, batch)[0])[:n])
+    out.append(np.asarray(score(params, batch))[:n])
   return np.concatenate(out)
 
 
@@ -149,12 +152,11 @@ def test_tokenizer_is_trained_once_and_inherited(run):
 
 def test_main_stage_starts_from_pmp_params(run):
   config, model, pmp_params = _model_and_params(run.workdir, run.pmp_dir)
-  fresh_config = config.copy_and_resolve_references()
-  fresh_config.init_from = ""
-  s = loop.setup(fresh_config)
-  fresh = jax.device_get(loop.initial_state(fresh_config, s).params)  # the same seeded init
-  assert np.max(np.abs(pmp_params["scalar_head"] - fresh["scalar_head"])) > 1e-4
-  assert np.max(np.abs(pmp_params["embedding"] - fresh["embedding"])) > 1e-4
+  # A fresh init's scalar head is zero, so without PMP every first score would be 0 and the first
+  # loss ln 2; PMP has moved it.
+  fresh = nn.meta.unbox(init_params(model.cfg, jax.random.split(jax.random.PRNGKey(config.train.seed))[0]))
+  assert np.all(np.asarray(fresh["scalar_head"]) == 0)
+  assert np.max(np.abs(pmp_params["scalar_head"])) > 1e-4
 
   # The first logged step's metrics are those of the params it started from, on its first batch.
   train_recs, _, _ = train_eval_records(config, str(run.workdir))
@@ -162,15 +164,16 @@ def test_main_stage_starts_from_pmp_params(run):
   logged = read_metrics(str(run.workdir))[0]
 
   def first_metrics(params):
-    scores = np.asarray(pm.pm_scores(params, model, first)[0], np.float64)
+    scores = np.asarray(jax.jit(lambda p: pm.pm_scores(p, model, first)[0])(params), np.float64)
     return np.mean(np.logaddexp(0.0, scores[:, 1] - scores[:, 0])), scores.mean()
 
   loss, mean_score = first_metrics(pmp_params)
   assert logged["loss"] == pytest.approx(loss, abs=1e-5)
   assert logged["mean_score"] == pytest.approx(mean_score, abs=1e-5)
   fresh_loss, fresh_mean_score = first_metrics(fresh)
-  assert abs(logged["loss"] - fresh_loss) > 1e-3  # a run without PMP would have logged this
-  assert abs(logged["mean_score"] - fresh_mean_score) > 1e-2
+  assert (fresh_loss, fresh_mean_score) == (pytest.approx(np.log(2)), 0.0)
+  assert abs(logged["loss"] - fresh_loss) > 1e-3  # what a run without PMP would have logged
+  assert abs(logged["mean_score"] - fresh_mean_score) > 1e-3
 
 
 # --- (b) evaluation reports -----------------------------------------------------------------------
@@ -208,19 +211,34 @@ def test_evaluation_reports_match_recomputed_scores(run):
 
 # --- (c) train-PM / test-PM halves ----------------------------------------------------------------
 
+def _train_cli(workdir, *overrides):
+  return [sys.executable, "-m", "rlhf_jax.train_pm", "--config=configs/pm.py:tiny", f"--workdir={workdir}",
+          "--config.train.batch_size=8", "--config.train.seq_len=64", "--config.mesh.shape=(1,1,1)",
+          "--config.progress_bar=False", *overrides]
+
+
 def test_halves_train_on_disjoint_halves(run, tmp_path):
   path = _write_comparisons(tmp_path / "halves.jsonl.gz", 52, seed=1)  # 5 held out, 47 to split
+  # Both halves at once, from the command line, one device each.
+  procs = {half: subprocess.Popen(
+      _train_cli(tmp_path / half, f"--config.data.path={path}", f"--config.data.half={half}",
+                 f"--config.tokenizer.path={run.workdir / MODEL_FILE}",  # no need to train another
+                 "--config.train.steps=2", "--config.train.eval_every=2"),
+      cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for half in "ab"}
+  for half, proc in procs.items():
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+
   counts, lines = {}, {}
   for half in "ab":
-    config = _config(steps=2)
-    config.data.path, config.data.half = path, half
-    config.tokenizer.path = str(run.workdir / MODEL_FILE)  # no need to train another
-    train_pm.train(config, str(tmp_path / half))
     saved = json.loads((tmp_path / half / "config.json").read_text())
     assert saved["data"]["half"] == half and saved["num_eval_comparisons"] == 5
     counts[half] = saved["num_train_comparisons"]
-    lines[half] = {r["line"] for r in train_pm._records(config, str(tmp_path / half))[0]}
+    with Checkpointer(str(tmp_path / half / "checkpoints")) as ckpt:
+      assert ckpt.all_steps() == [2]
     assert (tmp_path / half / "eval_pm.json").exists()
+    config = load_run_config(str(tmp_path / half))
+    lines[half] = {r["line"] for r in train_pm._records(config, str(tmp_path / half))[0]}
 
   full_train, _, _ = train_eval_records(config, str(tmp_path))
   assert len(full_train) == 47

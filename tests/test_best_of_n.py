@@ -1,0 +1,56 @@
+"""Best-of-N against its analytic KL and a rule-based PM whose optimum is known."""
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.best_of_n import analytic_kl, best_of_n
+from rlhf_jax.model import ModelOutput, Transformer, init_params
+from rlhf_jax.model_config import PRESETS
+
+MARKER = 7
+
+
+class CountPM(nn.Module):
+  """scalar[b, t] = sign * number of MARKER tokens among the valid tokens up to t."""
+  sign: float = 1.0
+
+  @nn.compact
+  def __call__(self, tokens, attention_mask=None, lm_head=False, **_):
+    hits = ((tokens == MARKER) & attention_mask).astype(jnp.float32)
+    scalar = self.sign * jnp.cumsum(hits, axis=1)
+    return ModelOutput(None, scalar, scalar[..., None], None)
+
+
+def test_analytic_kl():
+  assert analytic_kl(1) == 0.0
+  np.testing.assert_allclose(analytic_kl(2), math.log(2) - 0.5)
+  np.testing.assert_allclose(analytic_kl(16), math.log(16) - 15 / 16)
+
+
+def test_best_of_n_selects_the_pm_maximum():
+  cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=16)
+  policy = SimpleNamespace(model=Transformer(cfg), params=nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0))))
+  unit = {"mean": 0.0, "std": 1.0}
+  pm = SimpleNamespace(model=CountPM(), params={}, normalisation=unit)
+  extra = {"same": pm, "negated": SimpleNamespace(model=CountPM(-1.0), params={}, normalisation=unit),
+           "shifted": SimpleNamespace(model=CountPM(), params={}, normalisation={"mean": 1.0, "std": 2.0})}
+  rng = np.random.default_rng(0)
+  prompts = {"tokens": jnp.asarray(rng.integers(8, 16, (24, 4)), jnp.int32), "attention_mask": jnp.ones((24, 4), bool)}
+  rows = best_of_n(policy, pm, extra, prompts, [1, 8], jax.random.PRNGKey(1), max_new_tokens=6,
+                   temperature=1.0, eos_id=None, pad_id=0, eoc_id=3)
+  one, eight = rows
+  assert one["n"] == 1 and one["kl"] == 0.0
+  np.testing.assert_allclose(one["proxy_reward"], one["proxy_reward_mean_of_n"])
+  # Prompts hold no marker, so a response's reward is its marker count: about 6/16 per sample.
+  assert 0.1 < eight["proxy_reward_mean_of_n"] < 1.0
+  assert eight["proxy_reward"] > eight["proxy_reward_mean_of_n"] + 0.5  # selection really selects
+  for row in rows:
+    assert row["same_reward"] == row["proxy_reward"]
+    np.testing.assert_allclose(row["negated_reward"], -row["proxy_reward"], atol=1e-6)
+    np.testing.assert_allclose(row["shifted_reward"], (row["proxy_reward"] - 1.0) / 2.0, atol=1e-6)
+  np.testing.assert_allclose(eight["sqrt_kl"], math.sqrt(analytic_kl(8)))
