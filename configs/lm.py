@@ -38,7 +38,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "grad_clip": 1.0,
   })
   c.train = ml_collections.ConfigDict({
-      "steps": 200 if tiny else 20000,
+      "steps": 400 if tiny else 20000,
       "batch_size": 16 if tiny else 256,
       "seq_len": 128 if tiny else 1024,
       "seed": 0,

@@ -14,10 +14,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   del c["objective"], c["distill"]
   c.lm_weight = 0.0  # weight of an LM loss on the preferred sequence, mixed into the PM loss
   c.optimizer.learning_rate = 1e-3 if preset == "tiny" else 1e-5
-  c.train.steps = 300 if preset == "tiny" else 5000
+  c.train.steps = 120 if preset == "tiny" else 5000  # tiny: about one epoch of the offline data
   c.train.batch_size = 16 if preset == "tiny" else 64  # comparisons (2 sequences each)
   c.train.seq_len = 128 if preset == "tiny" else 1024
-  c.train.eval_every = 100
+  c.train.eval_every = 40 if preset == "tiny" else 500
   c.data.half = ""  # "a" or "b": train on one seeded half of the training comparisons
   c.data.half_seed = 0
   c.pmp = ml_collections.ConfigDict({"path": "", "steps": 100})
