@@ -20,7 +20,7 @@ def elo_win_probability(elo_a, elo_b):
   return 1.0 / (1.0 + 10.0 ** ((np.asarray(elo_b, np.float64) - np.asarray(elo_a, np.float64)) / 400.0))
 
 
-def fit_elo(wins, iterations: int = 500, tol: float = 1e-10) -> np.ndarray:
+def fit_elo(wins, iterations: int = 100_000, tol: float = 1e-10) -> np.ndarray:
   """Elo ratings (mean 0) from a matrix wins[i, j] = number of games i won against j.
 
   Maximum likelihood for the Bradley-Terry model in Elo units, by the minorise-maximise updates
@@ -36,13 +36,15 @@ def fit_elo(wins, iterations: int = 500, tol: float = 1e-10) -> np.ndarray:
   if np.any(total_wins == 0) or np.any(games.sum(axis=1) - total_wins == 0):
     raise ValueError("every player needs at least one win and one loss for finite ratings")
   strength = np.ones(n)
-  for _ in range(iterations):
+  for _ in range(iterations):  # slow on long chains of comparisons (e.g. successive checkpoints)
     denom = (games / (strength[:, None] + strength[None, :])).sum(axis=1)
     new = total_wins / denom
     new /= np.exp(np.mean(np.log(new)))
-    if np.max(np.abs(new - strength)) < tol:
-      strength = new
-      break
+    converged = np.max(np.abs(new - strength)) < tol
     strength = new
+    if converged:
+      break
+  else:
+    raise RuntimeError(f"fit_elo did not converge in {iterations} iterations")
   elo = 400.0 * np.log10(strength)
   return elo - elo.mean()

@@ -39,6 +39,7 @@ def evaluate_pm(pm_dir: str, data_path: Optional[str] = None) -> dict:
   config = load_run_config(pm_dir)
   if data_path:  # the whole file is the evaluation set
     config.data.path, config.data.eval_split, config.data.eval_fraction = data_path, "", 1.0
+    config.data.max_examples = 0
   _, eval_recs, _ = train_eval_records(config, pm_dir)
   tok = load_or_train_tokenizer(config, [], pm_dir)
   t = config.train

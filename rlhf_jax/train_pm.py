@@ -60,6 +60,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     pmp = config.copy_and_resolve_references()
     with pmp.unlocked():
       pmp.data.path, pmp.train.steps = config.pmp.path, config.pmp.steps
+      pmp.data.half, pmp.data.max_examples = "", 0  # those select the human data, not the PMP data
     pmp_dir = os.path.join(workdir, "pmp")
     _stage(pmp, pmp_dir)
     config = config.copy_and_resolve_references()

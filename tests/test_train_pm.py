@@ -145,16 +145,18 @@ def test_tokenizer_is_trained_once_and_inherited(run):
   pmp_tok, main_tok = run.pmp_dir / MODEL_FILE, run.workdir / MODEL_FILE
   assert pmp_tok.exists() and main_tok.exists()
   assert pmp_tok.read_bytes() == main_tok.read_bytes()
-  # Trained on the PMP file (the first stage): its made-up syllables are single pieces.
+  # Trained on the PMP file (the first stage): all its made-up syllables are single pieces (one
+  # trained on harmless-base has only 4 of the 20: ter, re, ish, um).
   tok = Tokenizer(str(main_tok))
-  assert len(tok.encode("ter")) == 1 and len(tok.encode("wek")) == 1
+  assert [s for s in SYLLABLES if len(tok.encode(s)) != 1] == []
 
 
 def test_main_stage_starts_from_pmp_params(run):
   config, model, pmp_params = _model_and_params(run.workdir, run.pmp_dir)
   # A fresh init's scalar head is zero, so without PMP every first score would be 0 and the first
   # loss ln 2; PMP has moved it.
-  fresh = nn.meta.unbox(init_params(model.cfg, jax.random.split(jax.random.PRNGKey(config.train.seed))[0]))
+  params_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))[0]  # as loop.initial_state
+  fresh = nn.meta.unbox(init_params(model.cfg, params_rng))
   assert np.all(np.asarray(fresh["scalar_head"]) == 0)
   assert np.max(np.abs(pmp_params["scalar_head"])) > 1e-4
 
@@ -163,8 +165,10 @@ def test_main_stage_starts_from_pmp_params(run):
   first = _batcher(config, run.workdir, train_recs).batch_at(0)
   logged = read_metrics(str(run.workdir))[0]
 
+  score = jax.jit(lambda p: pm.pm_scores(p, model, first)[0])  # one device, no mesh
+
   def first_metrics(params):
-    scores = np.asarray(jax.jit(lambda p: pm.pm_scores(p, model, first)[0])(params), np.float64)
+    scores = np.asarray(score(params), np.float64)
     return np.mean(np.logaddexp(0.0, scores[:, 1] - scores[:, 0])), scores.mean()
 
   loss, mean_score = first_metrics(pmp_params)
@@ -219,15 +223,23 @@ def _train_cli(workdir, *overrides):
 
 def test_halves_train_on_disjoint_halves(run, tmp_path):
   path = _write_comparisons(tmp_path / "halves.jsonl.gz", 52, seed=1)  # 5 held out, 47 to split
-  # Both halves at once, from the command line, one device each.
-  procs = {half: subprocess.Popen(
-      _train_cli(tmp_path / half, f"--config.data.path={path}", f"--config.data.half={half}",
-                 f"--config.tokenizer.path={run.workdir / MODEL_FILE}",  # no need to train another
-                 "--config.train.steps=2", "--config.train.eval_every=2"),
-      cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for half in "ab"}
-  for half, proc in procs.items():
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+  # Both halves at once, from the command line, one device each (logs to files: no pipe to fill).
+  procs = {}
+  try:
+    for half in "ab":
+      with open(tmp_path / f"{half}.log", "w") as log:
+        procs[half] = subprocess.Popen(
+            _train_cli(tmp_path / half, f"--config.data.path={path}", f"--config.data.half={half}",
+                       f"--config.tokenizer.path={run.workdir / MODEL_FILE}",  # no need to train another
+                       "--config.train.steps=2", "--config.train.eval_every=2",
+                       "--config.model.num_layers=1"),  # compiles faster; the split is what is tested
+            cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    for half, proc in procs.items():
+      assert proc.wait(timeout=300) == 0, (tmp_path / f"{half}.log").read_text()[-3000:]
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
 
   counts, lines = {}, {}
   for half in "ab":
@@ -281,8 +293,6 @@ def test_eval_pm_command_line_on_another_file(run, tmp_path):
   assert report["normalisation"]["std"] == pytest.approx(np.std(scores), rel=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate_pm(data_path=...) keeps the run's data.max_examples, "
-                   "so a file longer than that is evaluated only in part")
 def test_eval_pm_evaluates_the_whole_file(run, tmp_path):
   pm_dir = _copy_run(run, tmp_path / "pm")
   data = _write_comparisons(tmp_path / "long.jsonl.gz", 230, seed=3)  # the run had max_examples=200
