@@ -345,7 +345,7 @@ def test_encode_for_pm_ends_with_eos_then_eoc(tok, records):
     assert rejected.tokens[-2:] == [EOS_ID, EOC_ID]
 
 
-def batch_of(batcher, index):
+def _batch_of(batcher, index):
   return batcher._collate([batcher.examples[index]])
 
 
@@ -375,7 +375,7 @@ def test_pm_batcher_collates_groups(tok, records):
   ordered = batcher.in_order()
   assert [int(b["num_valid"]) for b in ordered] == [4, 4, 2]
   np.testing.assert_array_equal(ordered[2]["tokens"][2:], np.stack([ordered[0]["tokens"][0]] * 2))
-  np.testing.assert_array_equal(ordered[1]["eoc_index"][0], batch_of(batcher, 4)["eoc_index"][0])
+  np.testing.assert_array_equal(ordered[1]["eoc_index"][0], _batch_of(batcher, 4)["eoc_index"][0])
   with pytest.raises(ValueError, match="must all have 2 responses"):
     batcher._collate([batcher.examples[0], batcher.examples[1][:1]])
 
