@@ -13,7 +13,8 @@ import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-from absl import logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as shd
@@ -123,3 +124,31 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
     s.ckpt.close()
     writer.close()
   return last
+
+
+def config_main(train: Callable[[Any, str], dict], example: str) -> Callable:
+  """The absl main of an entry point `python -m rlhf_jax.X --config=FILE:PRESET [--workdir=DIR]`.
+
+  Flags are defined here, when the module runs as a program, not when it is imported: several
+  trainers are imported into one process by tests and notebooks.
+  """
+  config_flag = config_flags.DEFINE_config_file("config", None, f"Config file, e.g. {example}.",
+                                                lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
+  distributed_flag = flags.DEFINE_bool("jax_distributed", False,
+                                       "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
+
+  def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if distributed_flag.value:
+      jax.distributed.initialize()
+    config = config_flag.value
+    if config is None:
+      raise app.UsageError(f"--config is required, e.g. --config={example}")
+    workdir = workdir_flag.value or config.workdir
+    last = train(config, workdir)
+    print(f"done: {workdir} (metrics: {os.path.join(workdir, 'metrics.jsonl')}); last: {last}")
+
+  return main

@@ -12,8 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
 from rlhf_jax import lm
 from rlhf_jax import loop
@@ -73,26 +72,5 @@ def train(config, workdir: str) -> dict[str, Any]:
                                       malformed_skipped=data.skipped))
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:tiny.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
-_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
-                                 "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
-
-
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/lm.py:tiny")
-  workdir = _WORKDIR.value or config.workdir
-  last = train(config, workdir)
-  print(f"done: {workdir} (metrics: {os.path.join(workdir, 'metrics.jsonl')}); last: {last}")
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(loop.config_main(train, "configs/lm.py:tiny"))

@@ -14,8 +14,7 @@ import os
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
 from rlhf_jax import loop, pm
 from rlhf_jax import sharding as shd
@@ -72,22 +71,5 @@ def train(config, workdir: str) -> dict[str, Any]:
   return last
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pm.py:tiny.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
-
-
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/pm.py:tiny")
-  workdir = _WORKDIR.value or config.workdir
-  last = train(config, workdir)
-  print(f"done: {workdir}; last: {last}")
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(loop.config_main(train, "configs/pm.py:tiny"))

@@ -21,8 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
 from rlhf_jax import loop, ppo
 from rlhf_jax import sharding as shd
@@ -186,21 +185,5 @@ def train(config, workdir: str) -> dict[str, Any]:
                         run_info={"num_train_prompts": len(train_prompts)})
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ppo.py:tiny.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
-
-
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/ppo.py:tiny")
-  workdir = _WORKDIR.value or config.workdir
-  print(f"done: {workdir}; last: {train(config, workdir)}")
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(loop.config_main(train, "configs/ppo.py:tiny"))

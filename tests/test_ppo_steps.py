@@ -101,6 +101,9 @@ class Setup:
     self.update = jax.jit(functools.partial(ppo_update, models=self.models, hyper=HYPER, tx=self.tx),
                           donate_argnums=(0,))
     self.norm = (jnp.float32(0.0), jnp.float32(1.0))  # the count itself is the reward
+    # Keys and scalars committed like the loop's own (split from state.rng, read from state.extra):
+    # uncommitted ones would be a new jit signature, i.e. a recompilation.
+    self.commit = lambda x: jax.device_put(x, shd.replicated(self.mesh))
 
   def fresh(self, host_state=None):
     return jax.device_put(self.initial if host_state is None else host_state, self.shardings)
@@ -132,8 +135,8 @@ class Setup:
     for i in range(4):
       batch = self.prompts.batch_at(BATCH * i)
       gen = self.sample(params["policy"], batch["tokens"], batch["attention_mask"],
-                        jax.random.PRNGKey(100 + i))
-      _, metrics = self.score(params, self.ref, {}, gen, jnp.float32(KL_COEF), *self.norm)
+                        self.commit(jax.random.PRNGKey(100 + i)))
+      _, metrics = self.score(params, self.ref, {}, gen, self.commit(jnp.float32(KL_COEF)), *self.norm)
       out.append((float(metrics["pm_reward_raw"]), float(metrics["kl"])))
     reward, kl = np.mean(out, axis=0)
     return {"reward": reward, "kl": kl}
@@ -181,7 +184,7 @@ def test_larger_kl_coefficient_keeps_policy_closer(setup, straight):
   _, strong = setup.run(state, ITERS, adaptive=False)
   # The penalty is -kl_coef * log-ratio per token: at 1.0 every nat of KL costs as much as a marker.
   assert all(m["kl_coef"] == 1.0 for m in strong)
-  assert strong[-1]["kl"] < 0.5 * history[-1]["kl"]
+  assert strong[-1]["kl"] < 0.25 * history[-1]["kl"]  # measured: 1.0 against 16.8
 
 
 def _gen_with_padding(setup) -> Generation:
@@ -277,8 +280,9 @@ def test_score_rollout_log_probs_are_the_samplers(setup):
   # those the sampler drew with, so the first update's ratios start at exactly 1 (up to float).
   state = setup.fresh()
   batch = setup.prompts.batch_at(0)
-  gen = setup.sample(state.params["policy"], batch["tokens"], batch["attention_mask"], jax.random.PRNGKey(7))
-  rollout, _ = setup.score(state.params, setup.ref, {}, gen, jnp.float32(KL_COEF), *setup.norm)
+  gen = setup.sample(state.params["policy"], batch["tokens"], batch["attention_mask"],
+                     setup.commit(jax.random.PRNGKey(7)))
+  rollout, _ = setup.score(state.params, setup.ref, {}, gen, state.extra["kl_coef"], *setup.norm)
   m = np.asarray(gen.mask)
   np.testing.assert_allclose(np.asarray(rollout["old_logp"])[m], np.asarray(gen.log_probs)[m],
                              rtol=1e-4, atol=1e-5)
@@ -289,11 +293,13 @@ def test_sharded_update_equals_single_device(setup, straight):
   host_state = snapshots[ITERS // 2]  # Adam moments and a policy away from the reference
   state = setup.fresh(host_state)
   batch = setup.prompts.batch_at(int(host_state.data_position))
-  gen = setup.sample(state.params["policy"], batch["tokens"], batch["attention_mask"], jax.random.PRNGKey(3))
-  rollout = _host(setup.score(state.params, setup.ref, {}, gen, state.extra["kl_coef"], *setup.norm)[0])
+  gen = setup.sample(state.params["policy"], batch["tokens"], batch["attention_mask"],
+                     setup.commit(jax.random.PRNGKey(3)))
+  rollout_1, _ = setup.score(state.params, setup.ref, {}, gen, state.extra["kl_coef"], *setup.norm)
+  rollout = _host(rollout_1)
   rng = jax.random.PRNGKey(4)
 
-  single, single_metrics = setup.update(state, jax.device_put(rollout, jax.devices()[0]), rng)
+  single, single_metrics = setup.update(state, rollout_1, setup.commit(rng))
   mesh = shd.make_mesh((2, 2, 2), jax.devices()[:8])
   _, shardings = state_shardings(setup.init_fn, setup.tx, mesh, setup.extra)
   sharded_state = jax.device_put(host_state, shardings)

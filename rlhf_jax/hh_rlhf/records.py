@@ -34,6 +34,12 @@ class ReadReport:
   def num_skipped(self) -> int:
     return sum(self.skipped.values())
 
+  def count(self, error: "MalformedRecordError") -> None:
+    """Records a skipped record; its kind is the problem without the details in brackets."""
+    self.skipped[error.problem.split(" (")[0]] += 1
+    if len(self.first_errors) < 10:
+      self.first_errors.append(str(error))
+
   def summary(self) -> str:
     s = f"{self.path}: {self.records} records"
     if self.num_skipped:
@@ -104,9 +110,7 @@ def read_comparisons(path: str, *, skip_malformed: bool = False) -> tuple[list[d
     except MalformedRecordError as e:
       if not skip_malformed:
         raise
-      report.skipped[e.problem.split(" (")[0]] += 1
-      if len(report.first_errors) < 10:
-        report.first_errors.append(str(e))
+      report.count(e)
   report.records = len(out)
   return out, report
 
@@ -145,9 +149,7 @@ def read_red_team(path: str, *, skip_malformed: bool = False) -> tuple[list[dict
     except MalformedRecordError as e:
       if not skip_malformed:
         raise
-      report.skipped[e.problem.split(" (")[0]] += 1
-      if len(report.first_errors) < 10:
-        report.first_errors.append(str(e))
+      report.count(e)
 
   def from_json(i, raw):
     try:
