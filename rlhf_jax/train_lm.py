@@ -51,7 +51,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   fresh = None if s.ckpt.latest_step() is not None else loop.initial_state(config, s)
   teacher = None
   if config.objective == "distill":  # the frozen initial model, rebuilt identically on resume
-    teacher = (fresh or loop.initial_state(config, s)).params
+    teacher = (fresh if fresh is not None else loop.initial_state(config, s)).params
     teacher = jax.tree.map(lambda x: x.copy(), teacher)  # the step donates the state's buffers
   state = loop.resume_or(s, lambda: fresh)
 

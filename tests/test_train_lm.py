@@ -123,3 +123,23 @@ def test_killed_and_preempted_runs_resume_bitwise(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from step" in rerun.stdout
     jax.tree.map(np.testing.assert_array_equal, expected, _restore(workdir, steps=steps))
+
+
+def test_context_distillation_pulls_the_student_towards_the_prompted_teacher(tmp_path):
+  """Teacher = the initial model reading the HHH prompt first; the student (same weights, no
+  prompt) starts away from it and the KL must fall."""
+  config = lm_config.get_config("tiny")
+  config.objective = "distill"
+  config.train.steps = 25
+  config.train.batch_size = 8
+  config.train.seq_len = 64
+  config.train.log_every = 1
+  config.train.eval_every = 25
+  config.train.checkpoint_every = 1000
+  config.data.max_examples = 200
+  config.mesh.shape = (1, -1, 1)
+  config.progress_bar = False
+  train(config, str(tmp_path))
+  kl = [r["kl"] for r in read_metrics(str(tmp_path))]
+  assert kl[0] > 1e-3  # the prompt changes the teacher's predictions
+  assert np.mean(kl[-3:]) < 0.7 * kl[0]
