@@ -80,7 +80,9 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
                 clip_eps: float) -> tuple[jax.Array, dict]:
   """Clipped surrogate (Schulman et al. 2017): mean over tokens of
   max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
-  ratio = jnp.exp(logp - old_logp)
+  # Masked before the exp: junk log-probs at padding must not overflow into inf * 0 = NaN.
+  log_ratio = jnp.where(mask, logp - old_logp, 0.0)
+  ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
   loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
@@ -88,7 +90,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
       "policy_loss": loss,
       "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
       # Between the rollout policy and the current one (Schulman's k3, low variance, >= 0).
-      "approx_kl": masked_mean((ratio - 1.0) - (logp - old_logp), mask),
+      "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
   }
   return loss, metrics
 

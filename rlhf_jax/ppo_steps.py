@@ -9,6 +9,7 @@ the policy's own scalar head is the value head.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import ppo
+from rlhf_jax import sharding as shd
 from rlhf_jax.model import Transformer, read_at
 from rlhf_jax.train_state import TrainState
 
@@ -49,10 +51,6 @@ def _token_logp(logits, tokens):
   return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
 
 
-def _value_params(params):
-  return params.get("value", params["policy"])
-
-
 def pm_score(pm_model: Transformer, pm_params, prompt, prompt_mask, response, response_mask, eoc_id: int):
   """Raw PM scores [batch] of [prompt | response | EOC]."""
   b, n = response.shape
@@ -76,7 +74,10 @@ def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score
   if "value" in params:
     _, values = _response_outputs(models.value, params["value"], tokens, mask, p, False)
   ref_logits, _ = _response_outputs(models.policy, ref_params, tokens, mask, p, True)
-  logp, ref_logp = _token_logp(logits, gen.tokens), _token_logp(ref_logits, gen.tokens)
+  # Zero at padding, like the sampler's log-probs: nothing there can reach a loss.
+  logp = jnp.where(gen.mask, _token_logp(logits, gen.tokens), 0.0)
+  ref_logp = jnp.where(gen.mask, _token_logp(ref_logits, gen.tokens), 0.0)
+  values = jnp.where(gen.mask, values, 0.0)
   raw = pm_score(models.pm, pm_params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask, eoc_id)
   score = (raw - score_mean) / score_std
   rewards = ppo.kl_penalized_rewards(logp, ref_logp, score, gen.mask, kl_coef)
@@ -128,3 +129,17 @@ def ppo_update(state: TrainState, rollout: dict[str, jax.Array], rng: jax.Array,
 
   state, metrics = jax.lax.scan(one, state, order)
   return state, jax.tree.map(jnp.mean, metrics)
+
+
+def jit_ppo_steps(models: Models, hyper: PPOHyper, tx: optax.GradientTransformation, mesh,
+                  state_shardings: Any, ref_shardings: Any, pm_shardings: Any, *, eoc_id: int):
+  """(score, update) jitted once with explicit shardings, so that the state keeps its layout from
+  one iteration to the next (no recompilation, and a resumed run runs the same programs)."""
+  batch, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
+  score = jax.jit(functools.partial(score_rollout, models=models, hyper=hyper, eoc_id=eoc_id),
+                  in_shardings=(state_shardings.params, ref_shardings, pm_shardings, batch, rep, rep, rep),
+                  out_shardings=(batch, rep))
+  update = jax.jit(functools.partial(ppo_update, models=models, hyper=hyper, tx=tx),
+                   in_shardings=(state_shardings, batch, rep), out_shardings=(state_shardings, rep),
+                   donate_argnums=(0,))
+  return shd.under_mesh(score, mesh), shd.under_mesh(update, mesh)

@@ -34,7 +34,7 @@ from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.model_config import ModelConfig
 from rlhf_jax.optimizer import make_optimizer
 from rlhf_jax.pm_evaluation import load_run_config
-from rlhf_jax.ppo_steps import Models, PPOHyper, ppo_update, pm_score, score_rollout
+from rlhf_jax.ppo_steps import Models, PPOHyper, jit_ppo_steps, pm_score
 from rlhf_jax.sampling import generate
 from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer
 from rlhf_jax.train_state import create_train_state, state_shardings
@@ -138,14 +138,15 @@ def train(config, workdir: str) -> dict[str, Any]:
   sample = functools.partial(generate, model=policy0.model, max_new_tokens=c.max_new_tokens,
                              temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, eos_id=tok.eos_id,
                              pad_id=tok.pad_id)
-  score = jax.jit(functools.partial(score_rollout, models=models, hyper=hyper, eoc_id=tok.eoc_id))
-  update = jax.jit(functools.partial(ppo_update, models=models, hyper=hyper, tx=tx), donate_argnums=(0,))
+  score, update = jit_ppo_steps(models, hyper, tx, mesh, shardings, policy0.shardings.params,
+                                pm.shardings.params, eoc_id=tok.eoc_id)
   norm = pm.normalisation
 
   def step(state, position):
     batch = train_prompts.batch_at(position)
     gen_rng, update_rng, next_rng = jax.random.split(state.rng, 3)
     gen = sample(state.params["policy"], batch["tokens"], batch["attention_mask"], gen_rng)
+    gen = jax.device_put(gen, shd.batch_sharding(mesh))  # the layout the jitted steps expect
     rollout, metrics = score(state.params, policy0.params, pm.params, gen, state.extra["kl_coef"],
                              norm["mean"], norm["std"])
     state, update_metrics = update(state, rollout, update_rng)  # donates the old state's buffers
