@@ -29,6 +29,7 @@ from rlhf_jax.batching import Batcher, Encoded
 from rlhf_jax.calibration import load_normalisation
 from rlhf_jax.checkpointing import Checkpointer
 from rlhf_jax.dialogue import human_turns_prompt
+from rlhf_jax.hh_rlhf.records import read_prompts
 from rlhf_jax.lm_data import train_eval_records
 from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.model_config import ModelConfig
@@ -79,13 +80,29 @@ def _same_tokenizer(*run_dirs: str) -> Tokenizer:
   return Tokenizer(paths[0])
 
 
-def _prompts(config, tok: Tokenizer, workdir: str) -> tuple[PromptBatcher, PromptBatcher]:
+def prompt_texts(config, workdir: str) -> tuple[list[str], list[str]]:
+  """(train, held-out) prompts: those of data.prompts_path if set (a seeded data.eval_fraction
+  held out), else the first Human turn of each hh-rlhf dialogue of the configured data."""
+  d = config.data
+  if d.get("prompts_path"):
+    prompts, report = read_prompts(d.prompts_path, skip_malformed=d.skip_malformed)
+    if report.num_skipped:
+      print(report.summary())
+    order = np.random.default_rng(d.seed).permutation(len(prompts))
+    n_eval = max(1, int(round(len(prompts) * d.eval_fraction)))
+    return [prompts[i] for i in sorted(order[n_eval:])], [prompts[i] for i in sorted(order[:n_eval])]
   train_recs, eval_recs, _ = train_eval_records(config, workdir)
-  encode = lambda recs: [Encoded(tok.encode(human_turns_prompt(r["chosen"])), []) for r in recs]
-  make = lambda recs, n: PromptBatcher(encode(recs), batch_size=n, seq_len=config.ppo.prompt_len,
-                                       seed=config.train.seed, pad_id=tok.pad_id)
-  return make(train_recs, config.ppo.rollout_batch), make(eval_recs[:config.eval.num_prompts],
-                                                          config.eval.num_prompts)
+  first_turn = lambda recs: [human_turns_prompt(r["chosen"]) for r in recs]
+  return first_turn(train_recs), first_turn(eval_recs)
+
+
+def _prompts(config, tok: Tokenizer, workdir: str) -> tuple[PromptBatcher, PromptBatcher]:
+  train_texts, eval_texts = prompt_texts(config, workdir)
+  make = lambda texts, n: PromptBatcher([Encoded(tok.encode(t), []) for t in texts], batch_size=n,
+                                        seq_len=config.ppo.prompt_len, seed=config.train.seed,
+                                        pad_id=tok.pad_id)
+  return make(train_texts, config.ppo.rollout_batch), make(eval_texts[:config.eval.num_prompts],
+                                                           config.eval.num_prompts)
 
 
 def _hyper(c) -> PPOHyper:

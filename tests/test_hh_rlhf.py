@@ -352,3 +352,17 @@ def test_builder_empty_or_missing_source_dir_does_not_download(tmp_path, monkeyp
   builder = HhRlhf(config="harmless-base", data_dir=str(tmp_path / "tfds"), file_format="array_record")
   with pytest.raises(FileNotFoundError):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(empty)))
+
+
+def test_read_prompts_validates_every_record(tmp_path):
+  from rlhf_jax.hh_rlhf import read_prompts
+  good = [json.dumps({"prompt": f"\n\nHuman: q{i}?\n\nAssistant:"}) for i in range(3)]
+  bad = ['{"prompt": 3}', '{"text": "x"}', "not json", '{"prompt": "  "}']
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("\n".join(good[:2] + [bad[0]] + good[2:] + bad[1:]) + "\n")
+  with pytest.raises(MalformedRecordError, match=f"{path}, line 3, field 'prompt': not a string"):
+    read_prompts(str(path))
+  prompts, report = read_prompts(str(path), skip_malformed=True)
+  assert prompts == [json.loads(g)["prompt"] for g in good]
+  assert report.num_skipped == 4
+  assert dict(report.skipped) == {"not a string": 1, "missing field": 1, "not JSON": 1, "empty text": 1}

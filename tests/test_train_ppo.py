@@ -117,3 +117,17 @@ def _raw_state(run_dir, step):
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())).state
   manager.close()
   return jax.tree.map(np.asarray, state)
+
+
+def test_prompt_file_is_split_into_disjoint_train_and_held_out_prompts(tmp_path):
+  import json
+  path = tmp_path / "prompts.jsonl"
+  texts = [f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(20)]
+  path.write_text("\n".join(json.dumps({"prompt": t}) for t in texts))
+  config = ppo_config.get_config("tiny")
+  config.data.prompts_path = str(path)
+  config.data.eval_fraction = 0.25
+  train, held_out = train_ppo.prompt_texts(config, str(tmp_path))
+  assert len(held_out) == 5 and len(train) == 15
+  assert sorted(train + held_out) == sorted(texts)
+  assert train == [t for t in texts if t in train]  # file order kept

@@ -115,6 +115,38 @@ def read_comparisons(path: str, *, skip_malformed: bool = False) -> tuple[list[d
   return out, report
 
 
+def read_prompts(path: str, *, skip_malformed: bool = False) -> tuple[list[str], ReadReport]:
+  """A prompt file for RLHF: JSONL (gzip or plain) of {"prompt": TEXT}, each TEXT the dialogue the
+  policy continues, normally ending with "\n\nAssistant:"."""
+  path = os.fspath(path)
+  report, out = ReadReport(path), []
+  for line, raw in _lines(path):
+    if not raw.strip():
+      continue
+    try:
+      try:
+        record = json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        raise MalformedRecordError(path, line, f"invalid UTF-8 (at byte {e.start})") from None
+      except json.JSONDecodeError as e:
+        raise MalformedRecordError(path, line, f"not JSON ({e.msg} at column {e.colno})") from None
+      if not isinstance(record, dict):
+        raise MalformedRecordError(path, line, f"not a JSON object ({type(record).__name__})")
+      if "prompt" not in record:
+        raise MalformedRecordError(path, line, "missing field", "prompt")
+      if not isinstance(record["prompt"], str):
+        raise MalformedRecordError(path, line, f"not a string ({type(record['prompt']).__name__})", "prompt")
+      if not record["prompt"].strip():
+        raise MalformedRecordError(path, line, "empty text", "prompt")
+      out.append(record["prompt"])
+    except MalformedRecordError as e:
+      if not skip_malformed:
+        raise
+      report.count(e)
+  report.records = len(out)
+  return out, report
+
+
 RED_TEAM_FIELDS = {"transcript": str, "rating": (int, float), "min_harmlessness_score_transcript": (int, float),
                    "task_description": str}
 
