@@ -63,6 +63,11 @@ def _text_field(record: dict, field: str, path: str, line: int) -> str:
     raise MalformedRecordError(path, line, f"not a string ({type(value).__name__})", field)
   if not value.strip():
     raise MalformedRecordError(path, line, "empty text", field)
+  return value
+
+
+def _dialogue_field(record: dict, field: str, path: str, line: int) -> str:
+  value = _text_field(record, field, path, line)
   if ASSISTANT not in value:
     raise MalformedRecordError(path, line, "no Assistant turn", field)
   try:
@@ -72,7 +77,7 @@ def _text_field(record: dict, field: str, path: str, line: int) -> str:
   return value
 
 
-def _comparison(raw: bytes, path: str, line: int) -> dict[str, Any]:
+def _json_object(raw: bytes, path: str, line: int) -> dict:
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -83,8 +88,13 @@ def _comparison(raw: bytes, path: str, line: int) -> dict[str, Any]:
     raise MalformedRecordError(path, line, f"not JSON ({e.msg} at column {e.colno})") from None
   if not isinstance(record, dict):
     raise MalformedRecordError(path, line, f"not a JSON object ({type(record).__name__})")
-  chosen = _text_field(record, "chosen", path, line)
-  rejected = _text_field(record, "rejected", path, line)
+  return record
+
+
+def _comparison(raw: bytes, path: str, line: int) -> dict[str, Any]:
+  record = _json_object(raw, path, line)
+  chosen = _dialogue_field(record, "chosen", path, line)
+  rejected = _dialogue_field(record, "rejected", path, line)
   try:
     prompt, chosen_response, rejected_response = split_comparison(chosen, rejected)
   except ValueError as e:
@@ -94,57 +104,41 @@ def _comparison(raw: bytes, path: str, line: int) -> dict[str, Any]:
           "line": line}
 
 
+def _read_jsonl(path: str, parse, skip_malformed: bool) -> tuple[list, ReadReport]:
+  """parse(raw_line, path, line_number) for every non-blank line; malformed ones raise or are
+  skipped and counted."""
+  path = os.fspath(path)
+  report, out = ReadReport(path), []
+  for line, raw in _lines(path):
+    if not raw.strip():
+      continue
+    try:
+      out.append(parse(raw, path, line))
+    except MalformedRecordError as e:
+      if not skip_malformed:
+        raise
+      report.count(e)
+  report.records = len(out)
+  return out, report
+
+
 def read_comparisons(path: str, *, skip_malformed: bool = False) -> tuple[list[dict], ReadReport]:
   """All comparisons of a gzip (or plain) JSONL file of {"chosen", "rejected"} dialogues.
 
   Blank lines are not records and are ignored. Each returned record also carries the shared
   prompt, both responses and its 1-based line number.
   """
-  path = os.fspath(path)
-  report, out = ReadReport(path), []
-  for line, raw in _lines(path):
-    if not raw.strip():
-      continue
-    try:
-      out.append(_comparison(raw, path, line))
-    except MalformedRecordError as e:
-      if not skip_malformed:
-        raise
-      report.count(e)
-  report.records = len(out)
-  return out, report
+  return _read_jsonl(path, _comparison, skip_malformed)
+
+
+def _prompt(raw: bytes, path: str, line: int) -> str:
+  return _text_field(_json_object(raw, path, line), "prompt", path, line)
 
 
 def read_prompts(path: str, *, skip_malformed: bool = False) -> tuple[list[str], ReadReport]:
   """A prompt file for RLHF: JSONL (gzip or plain) of {"prompt": TEXT}, each TEXT the dialogue the
   policy continues, normally ending with "\n\nAssistant:"."""
-  path = os.fspath(path)
-  report, out = ReadReport(path), []
-  for line, raw in _lines(path):
-    if not raw.strip():
-      continue
-    try:
-      try:
-        record = json.loads(raw.decode("utf-8"))
-      except UnicodeDecodeError as e:
-        raise MalformedRecordError(path, line, f"invalid UTF-8 (at byte {e.start})") from None
-      except json.JSONDecodeError as e:
-        raise MalformedRecordError(path, line, f"not JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise MalformedRecordError(path, line, f"not a JSON object ({type(record).__name__})")
-      if "prompt" not in record:
-        raise MalformedRecordError(path, line, "missing field", "prompt")
-      if not isinstance(record["prompt"], str):
-        raise MalformedRecordError(path, line, f"not a string ({type(record['prompt']).__name__})", "prompt")
-      if not record["prompt"].strip():
-        raise MalformedRecordError(path, line, "empty text", "prompt")
-      out.append(record["prompt"])
-    except MalformedRecordError as e:
-      if not skip_malformed:
-        raise
-      report.count(e)
-  report.records = len(out)
-  return out, report
+  return _read_jsonl(path, _prompt, skip_malformed)
 
 
 RED_TEAM_FIELDS = {"transcript": str, "rating": (int, float), "min_harmlessness_score_transcript": (int, float),
