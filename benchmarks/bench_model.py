@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import flax.linen as nn
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from report import report  # benchmarks/report.py (scripts run from this folder's path)
 from rlhf_jax import lm
 from rlhf_jax import sharding as shd
 from rlhf_jax.model import Transformer, init_params
@@ -112,12 +112,7 @@ def main():
       "mfu": model_flops / peak, "decode_batch": args.decode_batch, "prompt_len": args.prompt_len,
       "new_tokens": args.new_tokens, **decode,
   }
-  width = max(map(len, result))
-  for k, v in result.items():
-    print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-  if args.json:
-    with open(args.json, "a") as f:
-      f.write(json.dumps(result) + "\n")
+  report(result, args.json)
 
 
 if __name__ == "__main__":

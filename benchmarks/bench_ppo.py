@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import time
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from report import report  # benchmarks/report.py (scripts run from this folder's path)
 from rlhf_jax import sharding as shd
 from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.model_config import get_preset
@@ -81,11 +81,7 @@ def main():
             "new_tokens": args.new_tokens, "epochs": args.epochs, "num_minibatches": args.num_minibatches,
             **{k: float(np.median(v)) for k, v in times.items()}}
   result["iteration_s"] = result["generate_s"] + result["score_s"] + result["update_s"]
-  for k, v in result.items():
-    print(f"{k:<16} {v:.4g}" if isinstance(v, float) else f"{k:<16} {v}")
-  if args.json:
-    with open(args.json, "a") as f:
-      f.write(json.dumps(result) + "\n")
+  report(result, args.json)
 
 
 if __name__ == "__main__":
