@@ -31,11 +31,16 @@ def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
+def target_weights(loss_mask: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """Weights [batch, seq - 1] of the predictions of tokens 1..seq-1: loss mask times validity."""
+  return loss_mask[:, 1:].astype(jnp.float32) * attention_mask[:, 1:]
+
+
 def lm_loss(params, model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
   """Token-mean negative log-likelihood over loss_mask; returns (loss, metrics)."""
   out = model.apply({"params": params}, batch["tokens"], attention_mask=batch["attention_mask"])
   nll = -token_log_probs(out.logits, batch["tokens"])  # [batch, seq-1]
-  weights = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["attention_mask"][:, 1:]
+  weights = target_weights(batch["loss_mask"], batch["attention_mask"])
   num_tokens = jnp.maximum(weights.sum(), 1.0)
   loss = (nll * weights).sum() / num_tokens
   return loss, {"loss": loss, "num_tokens": weights.sum(), "perplexity": jnp.exp(loss)}
@@ -52,7 +57,7 @@ def distill_loss(params, teacher_params, model: Transformer,
   t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher.logits[:, prefix:-1]), axis=-1)
   s_logp = jax.nn.log_softmax(student.logits[:, :-1], axis=-1)
   kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)  # [batch, seq-1]
-  weights = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["attention_mask"][:, 1:]
+  weights = target_weights(batch["loss_mask"], batch["attention_mask"])
   loss = (kl * weights).sum() / jnp.maximum(weights.sum(), 1.0)
   nll = -(token_log_probs(student.logits, batch["tokens"]) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
   return loss, {"loss": loss, "kl": loss, "student_nll": nll, "num_tokens": weights.sum()}
@@ -79,7 +84,7 @@ def lm_eval_step(params, batch: dict[str, jax.Array], *, model: Transformer) -> 
   """Summed NLL and token count, so the caller can average over a whole split exactly."""
   out = model.apply({"params": params}, batch["tokens"], attention_mask=batch["attention_mask"])
   nll = -token_log_probs(out.logits, batch["tokens"])
-  weights = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["attention_mask"][:, 1:]
+  weights = target_weights(batch["loss_mask"], batch["attention_mask"])
   return {"nll_sum": (nll * weights).sum(), "num_tokens": weights.sum()}
 
 

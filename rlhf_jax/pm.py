@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as shd
-from rlhf_jax.lm import token_log_probs
+from rlhf_jax.lm import target_weights, token_log_probs
 from rlhf_jax.model import Transformer, read_at
 from rlhf_jax.train_state import TrainState
 
@@ -54,7 +54,7 @@ def pm_loss(params, model: Transformer, batch: dict[str, jax.Array], *,
     b, k, t = batch["tokens"].shape
     logits = out.logits.reshape(b, k, t, -1)[:, 0]  # the preferred sequence only
     tokens = batch["tokens"][:, 0]
-    weights = batch["loss_mask"][:, 0, 1:].astype(jnp.float32) * batch["attention_mask"][:, 0, 1:]
+    weights = target_weights(batch["loss_mask"][:, 0], batch["attention_mask"][:, 0])
     lm = -(token_log_probs(logits, tokens) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
     loss = pref + lm_weight * lm
     metrics["lm_loss"] = lm
