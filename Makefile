@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PRESET ?= tiny
+PRESET ?= tiny  # for bench
 
 .PHONY: setup run test bench clean
 
@@ -14,13 +14,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job (CPU, offline): pretrain the tiny LM on hh-rlhf dialogues, then train and
-# evaluate a preference model from it. The scaling sweep (reward vs sqrt KL) will replace it.
+# The main job (CPU, offline, bundled data): the tiny scaling sweep. Three sizes and a gold PM:
+# LMs, gold-labelled proxy PMs, PPO and best-of-N, reward against sqrt KL, fits and plots.
+# Rerunning skips finished stages and resumes an interrupted one.
+SWEEP ?= experiments/tiny_sweep.py
 run: setup
-	$(PY) -m rlhf_jax.train_lm --config=configs/lm.py:$(PRESET) --workdir=runs/lm_$(PRESET)
-	$(PY) -m rlhf_jax.train_pm --config=configs/pm.py:$(PRESET) --workdir=runs/pm_$(PRESET) \
-	    --config.init_from=runs/lm_$(PRESET)
-	@echo "PM report: runs/pm_$(PRESET)/eval_pm.json, calibration.md, reliability.png"
+	$(PY) -m rlhf_jax.sweep --config=$(SWEEP)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -55,6 +55,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "eval_split": "",  # "" holds out eval_fraction of `split` instead
       "eval_fraction": 0.1,
       "source_dir": "",  # "" = $RLHF_JAX_HH_RLHF_DIR, ../shared, bundled sample, else download
+      "tfds_dir": "",  # where the prepared dataset is written; "" = <workdir>/tfds
       "skip_malformed": False,
       "max_examples": 0,  # 0 = all
       "seed": 0,

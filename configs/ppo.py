@@ -45,6 +45,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.train.eval_every = 10 if tiny else 50
   c.train.checkpoint_every = 10 if tiny else 50
   c.train.log_every = 1
+  c.train.eval_at_start = True  # the initial policy's point (KL = 0) on the reward curves
   c.eval = ml_collections.ConfigDict({"num_prompts": 32 if tiny else 256, "seed": 1234,
                                       "pm_dirs": ()})  # extra PMs to score with, e.g. a test PM
   c.workdir = f"runs/ppo_{preset}"

@@ -6,7 +6,7 @@
 #
 # Creates the TPU VM if it does not exist, copies this checkout to every worker, installs the
 # package, and starts the same command on all workers at once (JAX SPMD: one process per host).
-# Multi-host input feeding (per-process batch shards) is not wired yet: see README, "Status".
+# Every worker builds the same global batches; `shard_batch` places only each host's own shards.
 set -euo pipefail
 name=$1 zone=$2 accel=$3; shift 3
 [[ ${1:-} == "--" ]] && shift

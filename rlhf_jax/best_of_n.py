@@ -32,68 +32,82 @@ def analytic_kl(n: int) -> float:
 def best_of_n(policy, pm, extra_pms: dict, prompts: dict, ns: Sequence[int], rng: jax.Array, *,
               max_new_tokens: int, temperature: float, eos_id: int, pad_id: int, eoc_id: int) -> list[dict]:
   """policy / pm / extra_pms: objects with .model, .params (and .normalisation for PMs), e.g.
-  rlhf_jax.train_ppo.FrozenModel. prompts: {'tokens', 'attention_mask'} [num_prompts, P]."""
+  rlhf_jax.train_ppo.FrozenModel. prompts: {'tokens', 'attention_mask'} [num_prompts, P].
+
+  max(ns) samples are drawn per prompt once; best-of-n uses the first n of them, so the curve
+  over n is nested (less noisy than independent draws per n) and costs one generation."""
+  n_max = max(ns)
+  tokens = jnp.repeat(prompts["tokens"], n_max, axis=0)  # [num_prompts * n_max, P], prompt-major
+  mask = jnp.repeat(prompts["attention_mask"], n_max, axis=0)
+  gen = generate(policy.params, tokens, mask, rng, model=policy.model, max_new_tokens=max_new_tokens,
+                 temperature=temperature, eos_id=eos_id, pad_id=pad_id)
+
+  def rewards(frozen):
+    raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens,
+                   gen.mask, eoc_id)
+    norm = frozen.normalisation
+    return np.asarray((raw - norm["mean"]) / norm["std"]).reshape(-1, n_max)
+
+  return select_best(rewards(pm), {name: rewards(f) for name, f in extra_pms.items()}, ns)
+
+
+def select_best(proxy: np.ndarray, others: dict[str, np.ndarray], ns: Sequence[int]) -> list[dict]:
+  """proxy / others: rewards [num_prompts, n_max] of the same samples. For each n, the mean over
+  prompts of the rewards of the sample the proxy ranks first among the first n."""
   rows = []
   for n in ns:
-    rng, key = jax.random.split(rng)
-    tokens = jnp.repeat(prompts["tokens"], n, axis=0)  # [num_prompts * n, P], prompt-major
-    mask = jnp.repeat(prompts["attention_mask"], n, axis=0)
-    gen = generate(policy.params, tokens, mask, key, model=policy.model, max_new_tokens=max_new_tokens,
-                   temperature=temperature, eos_id=eos_id, pad_id=pad_id)
-
-    def rewards(frozen):
-      raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens,
-                     gen.mask, eoc_id)
-      norm = frozen.normalisation
-      return np.asarray((raw - norm["mean"]) / norm["std"]).reshape(-1, n)
-
-    proxy = rewards(pm)
-    best = proxy.argmax(axis=1)
+    if not 1 <= n <= proxy.shape[1]:
+      raise ValueError(f"n={n} outside 1..{proxy.shape[1]}")
+    best = proxy[:, :n].argmax(axis=1)
     pick = lambda r: float(r[np.arange(r.shape[0]), best].mean())
     row = {"n": n, "kl": analytic_kl(n), "sqrt_kl": math.sqrt(analytic_kl(n)), "proxy_reward": pick(proxy),
-           "proxy_reward_mean_of_n": float(proxy.mean())}
-    for name, frozen in extra_pms.items():
-      row[f"{name}_reward"] = pick(rewards(frozen))
+           "proxy_reward_mean_of_n": float(proxy[:, :n].mean())}
+    for name, r in others.items():
+      row[f"{name}_reward"] = pick(r)
     rows.append(row)
   return rows
 
 
-_POLICY = flags.DEFINE_string("policy_dir", None, "LM run to sample from.", required=True)
-_PM = flags.DEFINE_string("pm_dir", None, "PM run that selects the best sample.", required=True)
-_EXTRA = flags.DEFINE_list("eval_pm_dirs", [], "Further PM runs that score the selected samples.")
-_NS = flags.DEFINE_list("ns", ["1", "2", "4", "8", "16"], "Values of N.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: <pm_dir>/best_of_n).")
-_PROMPTS = flags.DEFINE_integer("num_prompts", 32, "Held-out prompts to use.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Response length.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+def main_factory():
+  """Flags are defined only when this module runs as a program: the sweep imports it."""
+  policy_flag = flags.DEFINE_string("policy_dir", None, "LM run to sample from.", required=True)
+  pm_flag = flags.DEFINE_string("pm_dir", None, "PM run that selects the best sample.", required=True)
+  extra_flag = flags.DEFINE_list("eval_pm_dirs", [], "Further PM runs that score the selected samples.")
+  ns_flag = flags.DEFINE_list("ns", ["1", "2", "4", "8", "16"], "Values of N.")
+  out_flag = flags.DEFINE_string("out", None, "Output directory (default: <pm_dir>/best_of_n).")
+  prompts_flag = flags.DEFINE_integer("num_prompts", 32, "Held-out prompts to use.")
+  max_new_flag = flags.DEFINE_integer("max_new_tokens", 16, "Response length.")
+  seed_flag = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  from rlhf_jax.pm_evaluation import load_run_config
-  from rlhf_jax.train_ppo import FrozenModel, _prompts, _same_tokenizer
+  def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    from rlhf_jax.pm_evaluation import load_run_config
+    from rlhf_jax.train_ppo import FrozenModel, prompt_batchers, same_tokenizer
 
-  mesh = shd.make_mesh((1, -1, 1))
-  policy, pm = FrozenModel(_POLICY.value, mesh), FrozenModel(_PM.value, mesh, with_normalisation=True)
-  extra = {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True) for d in _EXTRA.value}
-  tok = _same_tokenizer(_POLICY.value, _PM.value, *_EXTRA.value)
-  config = load_run_config(_POLICY.value)
-  config.ppo = {"prompt_len": 32, "rollout_batch": 1}
-  config.eval = {"num_prompts": _PROMPTS.value}
-  out = _OUT.value or os.path.join(_PM.value, "best_of_n")
-  os.makedirs(out, exist_ok=True)
-  _, eval_prompts = _prompts(config, tok, out)
-  prompts = eval_prompts.in_order()[0]
-  rows = best_of_n(policy, pm, extra, prompts, [int(n) for n in _NS.value], jax.random.PRNGKey(_SEED.value),
-                   max_new_tokens=_MAX_NEW.value, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                   eoc_id=tok.eoc_id)
-  with open(os.path.join(out, "best_of_n.jsonl"), "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-      print(json.dumps(row))
+    mesh = shd.make_mesh((1, -1, 1))
+    policy, pm = FrozenModel(policy_flag.value, mesh), FrozenModel(pm_flag.value, mesh, with_normalisation=True)
+    extra = {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True) for d in extra_flag.value}
+    tok = same_tokenizer(policy_flag.value, pm_flag.value, *extra_flag.value)
+    config = load_run_config(policy_flag.value)
+    config.ppo = {"prompt_len": 32, "rollout_batch": 1}
+    config.eval = {"num_prompts": prompts_flag.value}
+    out = out_flag.value or os.path.join(pm_flag.value, "best_of_n")
+    os.makedirs(out, exist_ok=True)
+    _, eval_prompts = prompt_batchers(config, tok, out)
+    prompts = eval_prompts.in_order()[0]
+    rows = best_of_n(policy, pm, extra, prompts, [int(n) for n in ns_flag.value], jax.random.PRNGKey(seed_flag.value),
+                     max_new_tokens=max_new_flag.value, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                     eoc_id=tok.eoc_id)
+    with open(os.path.join(out, "best_of_n.jsonl"), "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+        print(json.dumps(row))
+
+  return main
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main_factory())

@@ -26,7 +26,7 @@ class LMData(NamedTuple):
 
 def _records(config, split: str, workdir: str) -> tuple[list[dict], int]:
   d = config.data
-  loaded = load_split(d.subset, split, data_dir=os.path.join(workdir, "tfds"),
+  loaded = load_split(d.subset, split, data_dir=d.get("tfds_dir") or os.path.join(workdir, "tfds"),
                       source_dir=d.source_dir or None, skip_malformed=d.skip_malformed)
   if loaded.skipped:
     print(f"hh-rlhf {d.subset}/{split}: skipped {sum(loaded.skipped.values())} malformed records "

@@ -101,6 +101,8 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
   bar.update(start)
   t0 = time.perf_counter()
   try:
+    if start == 0 and t.get("eval_at_start", False):  # the starting point of a curve, e.g. KL = 0
+      writer.write(0, evaluate(state.params))
     for i in range(start + 1, t.steps + 1):
       state, metrics = step(state, int(state.data_position))
       bar.update(1)

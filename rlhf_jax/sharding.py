@@ -82,18 +82,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-  """Places a host batch (pytree of arrays with a leading batch axis) onto the mesh.
+  """Places a host batch (pytree of numpy arrays with a leading batch axis) onto the mesh.
 
-  Single-process only; multi-host input uses `jax.make_array_from_process_local_data`.
+  Multi-host: every process must pass the same *global* batch (our data loaders are
+  deterministic in the position, so they do); each process then transfers only the rows of its
+  own devices' shards. Nothing checks that the batches agree: processes that loaded different
+  ones train on a mix of them.
   """
   sharding = batch_sharding(mesh)
   num_shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  multi_process = jax.process_count() > 1
 
   def put(x):
     if x.shape[0] % num_shards:
       raise ValueError(f"batch dimension {x.shape[0]} is not divisible by the {num_shards} "
                        f"data-parallel shards of mesh {dict(mesh.shape)}")
-    return jax.device_put(x, sharding)
+    if not multi_process:
+      return jax.device_put(x, sharding)
+    # Not device_put: onto other hosts' devices it first asserts the value is equal everywhere,
+    # an all-gather of the whole batch every step. The callback only slices this host's rows.
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, batch)
 

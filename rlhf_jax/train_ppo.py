@@ -72,7 +72,7 @@ class FrozenModel:
     self.normalisation = load_normalisation(run_dir) if with_normalisation else None
 
 
-def _same_tokenizer(*run_dirs: str) -> Tokenizer:
+def same_tokenizer(*run_dirs: str) -> Tokenizer:
   paths = [os.path.join(d, MODEL_FILE) for d in run_dirs]
   for p in paths[1:]:
     if not filecmp.cmp(paths[0], p, shallow=False):
@@ -96,7 +96,7 @@ def prompt_texts(config, workdir: str) -> tuple[list[str], list[str]]:
   return first_turn(train_recs), first_turn(eval_recs)
 
 
-def _prompts(config, tok: Tokenizer, workdir: str) -> tuple[PromptBatcher, PromptBatcher]:
+def prompt_batchers(config, tok: Tokenizer, workdir: str) -> tuple[PromptBatcher, PromptBatcher]:
   train_texts, eval_texts = prompt_texts(config, workdir)
   make = lambda texts, n: PromptBatcher([Encoded(tok.encode(t), []) for t in texts], batch_size=n,
                                         seq_len=config.ppo.prompt_len, seed=config.train.seed,
@@ -121,8 +121,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   pm = FrozenModel(config.pm_dir, mesh, with_normalisation=True)
   eval_pms = {"pm": pm} | {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True)
                            for d in config.eval.pm_dirs}
-  tok = _same_tokenizer(config.policy_from, config.pm_dir, *config.eval.pm_dirs)
-  train_prompts, eval_prompts = _prompts(config, tok, workdir)
+  tok = same_tokenizer(config.policy_from, config.pm_dir, *config.eval.pm_dirs)
+  train_prompts, eval_prompts = prompt_batchers(config, tok, workdir)
   shared = config.value_from == "shared"
   if config.value_from not in ("pm", "shared"):
     raise ValueError(f"value_from={config.value_from!r}: expected 'pm' or 'shared'")

@@ -5,7 +5,49 @@ test module imports jax.
 """
 import os
 
+import pytest
+
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+
+
+def micro_sweep_config(**changes):
+  """experiments/tiny_sweep.py shrunk to seconds per stage: two sizes, few steps, data parallel."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "tiny_sweep.py")
+  spec = importlib.util.spec_from_file_location("tiny_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  size = lambda d, layers: {"d_model": d, "num_layers": layers, "num_heads": d // 16, "num_kv_heads": 1,
+                            "head_dim": 16, "mlp_dim": 2 * d, "vocab_size": 512}
+  c.sizes = ("xs", "s")
+  c.models = {"xs": size(32, 1), "s": size(48, 1), "gold": size(64, 2)}
+  c.data.max_examples = 300
+  data_parallel = {"mesh": {"shape": (-1, 1, 1)}}  # data parallel over the 8 fake devices
+  short = lambda steps: {"steps": steps, "batch_size": 8, "seq_len": 64, "eval_every": steps,
+                         "checkpoint_every": steps, "log_every": 5, "async_checkpointing": False}
+  c.lm = {**data_parallel, "train": short(30)}
+  c.pm = {**data_parallel, "train": short(20)}
+  c.gold_pm = {"train": short(30)}
+  c.labels.num_pairs, c.labels.batch_size = 64, 64
+  c.rl = {**data_parallel, "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "log_every": 1,
+                                  "async_checkpointing": False},
+          "ppo": {"rollout_batch": 16, "num_minibatches": 2, "epochs": 1, "prompt_len": 24, "max_new_tokens": 8},
+          "eval": {"num_prompts": 8}}
+  c.bon = {"ns": (1, 2, 4), "num_prompts": 8, "seed": 0}
+  c.progress_bar = False
+  for key, value in changes.items():
+    c[key] = value
+  return c
+
+
+@pytest.fixture(scope="session")
+def micro_sweep_dir(tmp_path_factory):
+  """A whole micro sweep, run once per test session (the sweep and notebook tests share it)."""
+  from rlhf_jax.sweep import run_sweep
+  workdir = str(tmp_path_factory.mktemp("micro_sweep"))
+  run_sweep(micro_sweep_config(), workdir)
+  return workdir

@@ -7,8 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from rlhf_jax.best_of_n import analytic_kl, best_of_n
+from rlhf_jax.best_of_n import analytic_kl, best_of_n, select_best
 from rlhf_jax.model import ModelOutput, Transformer, init_params
 from rlhf_jax.model_config import PRESETS
 
@@ -54,3 +55,22 @@ def test_best_of_n_selects_the_pm_maximum():
     np.testing.assert_allclose(row["negated_reward"], -row["proxy_reward"], atol=1e-6)
     np.testing.assert_allclose(row["shifted_reward"], (row["proxy_reward"] - 1.0) / 2.0, atol=1e-6)
   np.testing.assert_allclose(eight["sqrt_kl"], math.sqrt(analytic_kl(8)))
+
+
+def test_select_best_matches_a_brute_force_loop():
+  rng = np.random.default_rng(3)
+  proxy, gold = rng.normal(size=(7, 8)), rng.normal(size=(7, 8))
+  rows = select_best(proxy, {"gold": gold}, [1, 3, 8])
+  for row in rows:
+    n = row["n"]
+    want_proxy, want_gold = [], []
+    for p in range(7):  # first n samples of prompt p; the proxy's favourite
+      i = max(range(n), key=lambda j: proxy[p, j])
+      want_proxy.append(proxy[p, i])
+      want_gold.append(gold[p, i])
+    np.testing.assert_allclose(row["proxy_reward"], np.mean(want_proxy), rtol=1e-12)
+    np.testing.assert_allclose(row["gold_reward"], np.mean(want_gold), rtol=1e-12)
+    np.testing.assert_allclose(row["proxy_reward_mean_of_n"], proxy[:, :n].mean(), rtol=1e-12)
+  assert rows[0]["gold_reward"] == gold[:, 0].mean()
+  with pytest.raises(ValueError, match="n=9 outside 1..8"):
+    select_best(proxy, {}, [9])

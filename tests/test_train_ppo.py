@@ -81,7 +81,10 @@ def test_ppo_run_metrics_and_bitwise_resume(runs, tmp_path, monkeypatch):
   steps = 3
   straight = tmp_path / "straight"
   train_ppo.train(_ppo_config(runs, steps), str(straight))
-  rows = read_metrics(str(straight))
+  start, *rows = read_metrics(str(straight))
+  # train.eval_at_start: the initial policy evaluated at step 0 (KL exactly 0, as the curves need)
+  assert start["step"] == 0 and start["eval_kl"] == 0.0 and "loss" not in start
+  assert start["eval_pm_reward_raw"] == pytest.approx(start["eval_" + os.path.basename(runs[1]) + "_reward_raw"])
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert rows[0]["kl"] == 0.0  # the first rollout comes from the initial policy itself
   for key in ("pm_reward", "pm_reward_raw", "kl", "sqrt_kl", "entropy", "policy_loss", "value_loss",
@@ -97,8 +100,9 @@ def test_ppo_run_metrics_and_bitwise_resume(runs, tmp_path, monkeypatch):
   monkeypatch.setattr(loop, "Preemption", lambda: _StopAfter(2))
   train_ppo.train(_ppo_config(runs, steps), str(resumed))
   monkeypatch.undo()
-  assert [r["step"] for r in read_metrics(str(resumed))] == [1, 2]  # stopped early, checkpointed
+  assert [r["step"] for r in read_metrics(str(resumed))] == [0, 1, 2]  # stopped early, checkpointed
   train_ppo.train(_ppo_config(runs, steps), str(resumed))
+  assert [r["step"] for r in read_metrics(str(resumed))] == [0, 1, 2, 3]  # no second step-0 evaluation
 
   a, b = (_raw_state(d, steps) for d in (straight, resumed))
   assert jax.tree.structure(a) == jax.tree.structure(b)

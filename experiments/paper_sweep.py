@@ -1,0 +1,30 @@
+"""The paper-scale sweep (Bai et al. 2022 sizes, Gao et al. 2022 gold-PM setup) for a TPU pod slice
+or a GPU cluster; see launch/. Needs the full hh-rlhf download (online once).
+
+  launch/tpu_pod.sh NAME ZONE v5p-64 -- python -m rlhf_jax.sweep --config=experiments/paper_sweep.py
+  sbatch --nodes=8 launch/slurm_gpu.sbatch -- python -m rlhf_jax.sweep --config=experiments/paper_sweep.py
+
+Every stage keeps the presets' defaults of configs/lm.py, pm.py and ppo.py unless overridden here;
+override anything on the command line, e.g. --config.rl.train.steps=500.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.setup = "gold_pm"
+  c.base_preset = "13m"  # the non-tiny defaults of the stage configs
+  c.sizes = ("13m", "42m", "197m", "810m")
+  c.models = ml_collections.ConfigDict({name: {"preset": name} for name in c.sizes})
+  c.models.gold = {"preset": "2.7b"}
+  c.data = ml_collections.ConfigDict({"subset": "helpful-base", "split": "train", "eval_split": "test"})
+  c.lm = ml_collections.ConfigDict({})
+  c.pm = ml_collections.ConfigDict({})
+  c.gold_pm = ml_collections.ConfigDict({"train": {"steps": 10000}})
+  c.labels = ml_collections.ConfigDict({"num_pairs": 50000, "policy": "", "max_new_tokens": 0,
+                                        "temperature": 1.0, "batch_size": 512, "seed": 0})
+  c.rl = ml_collections.ConfigDict({"train": {"eval_every": 25}})
+  c.bon = ml_collections.ConfigDict({"ns": (1, 2, 4, 8, 16, 32, 64, 128, 256), "num_prompts": 256, "seed": 0})
+  c.progress_bar = True
+  c.workdir = "runs/sweep_paper"
+  return c

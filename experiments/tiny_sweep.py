@@ -1,0 +1,50 @@
+"""The tiny scaling sweep the README's first command runs: three sizes and a gold PM, CPU, offline.
+
+  python -m rlhf_jax.sweep --config=experiments/tiny_sweep.py [--config.setup=halves]
+
+Sizes are ModelConfig fields over the `tiny` preset (vocabulary 1024, one shared tokenizer). The
+sections lm / pm / gold_pm / rl override configs/lm.py, configs/pm.py and configs/ppo.py.
+"""
+import ml_collections
+
+
+def _size(d_model: int, layers: int, heads: int, kv_heads: int) -> dict:
+  return {"d_model": d_model, "num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads,
+          "head_dim": 16, "mlp_dim": 3 * d_model}
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.setup = "gold_pm"  # or "halves": train PMs / test PM on disjoint halves of the human data
+  c.base_preset = "tiny"
+  c.sizes = ("xs", "s", "m")
+  c.models = ml_collections.ConfigDict({
+      "xs": _size(32, 1, 2, 1),
+      "s": _size(48, 2, 3, 1),
+      "m": _size(64, 2, 4, 2),
+      "gold": _size(96, 3, 6, 2),
+  })
+  c.data = ml_collections.ConfigDict({"subset": "harmless-base", "split": "test"})
+  # Sequences of 64 tokens hold the PPO samples (32 prompt + 16 response tokens) with room to spare.
+  train = lambda steps: {"steps": steps, "seq_len": 64, "eval_every": steps, "checkpoint_every": 50}
+  c.lm = ml_collections.ConfigDict({"train": train(200)})
+  c.pm = ml_collections.ConfigDict({"train": train(120)})
+  c.gold_pm = ml_collections.ConfigDict({"train": train(200)})
+  c.labels = ml_collections.ConfigDict({
+      "num_pairs": 1024,  # per size, from that size's initial policy on the training prompts
+      "policy": "",  # "" = each size's own initial policy; or one size's name for all
+      "max_new_tokens": 0,  # 0 = rl.ppo.max_new_tokens
+      "temperature": 1.0,
+      "batch_size": 256,
+      "seed": 0,
+  })
+  c.rl = ml_collections.ConfigDict({
+      "train": {"steps": 40, "eval_every": 5, "checkpoint_every": 10},
+      "ppo": {"rollout_batch": 32, "num_minibatches": 2, "epochs": 2},
+      "kl": {"coef": 0.001},
+      "eval": {"num_prompts": 64},
+  })
+  c.bon = ml_collections.ConfigDict({"ns": (1, 2, 4, 8, 16, 32), "num_prompts": 64, "seed": 0})
+  c.progress_bar = True
+  c.workdir = "runs/sweep_tiny"
+  return c

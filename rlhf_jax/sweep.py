@@ -1,0 +1,413 @@
+"""The scaling experiment: reward against sqrt(KL) across model sizes, every stage cached.
+
+  python -m rlhf_jax.sweep --config=experiments/tiny_sweep.py [--workdir=runs/sweep_tiny]
+
+For every size in config.sizes the sweep runs the whole pipeline and collects each
+(size, method, step, KL, sqrt KL, proxy reward, gold reward) point into <workdir>/results.jsonl,
+then fits and plots them (rlhf_jax.scaling_analysis) into <workdir>/analysis/.
+
+Two setups (config.setup):
+- "gold_pm" (Gao, Schulman and Hilton 2022): a larger gold PM trained on the human comparisons
+  labels pairs of samples from each size's initial policy; that size's proxy PM is trained on the
+  gold labels; the policy is optimised against the proxy while the gold PM scores it too.
+- "halves" (Bai et al. 2022, section 4.3): proxy ("train") PMs on one half of the human
+  comparisons, the gold-size "test" PM on the other half.
+
+Stages, each in its own subdirectory: tokenizer, lm_<size>, pm_gold, [labels_<size>], pm_<size>,
+ppo_<size>, bon_<size>. A finished stage leaves stage_done.json (with the settings it ran with)
+and is skipped on a rerun; an interrupted one resumes from its last checkpoint. So a killed sweep
+is resumed by running the same command again.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rlhf_jax import sharding as shd
+from rlhf_jax.best_of_n import best_of_n
+from rlhf_jax.checkpointing import Checkpointer
+from rlhf_jax.lm_data import train_eval_records
+from rlhf_jax.metrics import read_metrics
+from rlhf_jax.model_config import ModelConfig, get_preset, param_counts
+from rlhf_jax.ppo_steps import pm_score
+from rlhf_jax.sampling import generate
+from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+
+STAGE_DONE = "stage_done.json"
+RESULTS_FILE = "results.jsonl"
+GOLD = "gold"
+
+
+class SweepInterrupted(RuntimeError):
+  """A stage stopped before its last step (preemption); rerunning the sweep resumes it."""
+
+
+class Stage(NamedTuple):
+  name: str  # also its subdirectory
+  settings: dict  # everything its output depends on; a rerun with other settings is an error
+  run: Callable[[str], dict]  # stage directory -> JSON-able summary
+
+
+# --- configs of the stages ---------------------------------------------------------------------
+
+
+def override(config: ml_collections.ConfigDict, overrides, where: str) -> None:
+  """Sets config[k] = v for every (nested) key of overrides; a key config lacks is an error
+  naming it, not a silently ignored typo."""
+  for key, value in dict(overrides).items():
+    if key not in config:
+      raise ValueError(f"{where}.{key}: no such setting; known: {sorted(config.keys())}")
+    if isinstance(config[key], ml_collections.ConfigDict) and not isinstance(value, (str, int, float)):
+      override(config[key], value, f"{where}.{key}")
+    else:
+      config[key] = value
+
+
+def model_config(config, name: str) -> ModelConfig:
+  """config.models[name]: ModelConfig fields over a preset (its own "preset" key, or base_preset)."""
+  if name not in config.models:
+    raise ValueError(f"size {name!r} has no entry in config.models (known: {sorted(config.models)})")
+  spec = dict(config.models[name])
+  base = get_preset(spec.pop("preset", config.base_preset))
+  return ModelConfig.from_dict({**base.to_dict(), **spec})
+
+
+def _stage_config(module, config, workdir: str, name: str, *sections: str) -> ml_collections.ConfigDict:
+  c = module.get_config(config.base_preset)
+  override(c.data, config.data, "data")
+  c.data.tfds_dir = os.path.join(workdir, "tfds")  # prepared once for every stage
+  for section in sections:
+    override(c, config[section], section)
+  if "model" in c:
+    c.model = ml_collections.ConfigDict(model_config(config, name).to_dict())
+  c.progress_bar = config.progress_bar
+  return c
+
+
+def lm_config(config, workdir: str, name: str):
+  from configs import lm
+  c = _stage_config(lm, config, workdir, name, "lm")
+  c.tokenizer.path = os.path.join(workdir, "tokenizer", MODEL_FILE)
+  return c
+
+
+def pm_config(config, workdir: str, name: str):
+  from configs import pm
+  c = _stage_config(pm, config, workdir, name, "pm", *(("gold_pm",) if name == GOLD else ()))
+  c.init_from = os.path.join(workdir, f"lm_{name}")
+  if config.setup == "halves":
+    c.data.half = "b" if name == GOLD else "a"
+  elif name != GOLD:
+    c.data.path = os.path.join(workdir, f"labels_{name}", "labels.jsonl")
+  return c
+
+
+def ppo_config(config, workdir: str, name: str):
+  from configs import ppo
+  c = _stage_config(ppo, config, workdir, name, "rl")
+  c.policy_from = os.path.join(workdir, f"lm_{name}")
+  c.pm_dir = os.path.join(workdir, f"pm_{name}")
+  c.eval.pm_dirs = (os.path.join(workdir, f"pm_{GOLD}"),)
+  return c
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+
+def _check_finished(run_dir: str, steps: int, name: str) -> None:
+  with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+    last = ckpt.latest_step()
+  if last != steps:
+    raise SweepInterrupted(f"stage {name} stopped at step {last} of {steps}; run the same command "
+                           f"again to resume it")
+
+
+def _trainer_stage(name: str, train: Callable, cfg) -> Stage:
+  def run(d):
+    last = train(cfg, d)
+    _check_finished(d, cfg.train.steps, name)
+    return {"last": last}
+  return Stage(name, cfg.to_dict(), run)
+
+
+def _tokenizer_stage(config, workdir: str) -> Stage:
+  cfg = lm_config(config, workdir, config.sizes[0])
+
+  def run(d):
+    records, _, _ = train_eval_records(cfg, d)
+    tok = train_tokenizer([r["chosen"] for r in records], cfg.model.vocab_size, d)
+    return {"vocab_size": tok.vocab_size, "num_texts": len(records)}
+  return Stage("tokenizer", {"data": cfg.data.to_dict(), "vocab_size": cfg.model.vocab_size}, run)
+
+
+def _frozen(run_dir: str, mesh, normalised: bool = False):
+  from rlhf_jax.train_ppo import FrozenModel
+  return FrozenModel(run_dir, mesh, with_normalisation=normalised)
+
+
+def gold_labels(policy, gold, tok: Tokenizer, prompts: list[str], *, num_pairs: int, prompt_len: int,
+                max_new_tokens: int, temperature: float, batch_size: int, seed: int) -> tuple[list[dict], dict]:
+  """Pairs of samples from `policy` for prompts (cycled), labelled by the gold PM: the response
+  it scores higher is "chosen". Records are in the hh-rlhf format; pairs whose two responses are
+  the same text cannot be labelled and are counted, not written."""
+  from rlhf_jax.batching import Encoded
+  from rlhf_jax.train_ppo import PromptBatcher
+  rng = jax.random.PRNGKey(seed)
+  records, ties, margins, start = [], 0, [], 0
+  while len(records) + ties < num_pairs:
+    chunk = [prompts[(start + i) % len(prompts)] for i in range(min(batch_size, num_pairs - len(records) - ties))]
+    start += len(chunk)
+    batch = PromptBatcher([Encoded(tok.encode(p), []) for p in chunk], batch_size=len(chunk),
+                          seq_len=prompt_len, seed=0, pad_id=tok.pad_id).in_order()[0]
+    rng, key = jax.random.split(rng)
+    gen = generate(policy.params, np.repeat(batch["tokens"], 2, axis=0),
+                   np.repeat(batch["attention_mask"], 2, axis=0), key, model=policy.model,
+                   max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
+                   pad_id=tok.pad_id)
+    scores = np.asarray(pm_score(gold.model, gold.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens,
+                                 gen.mask, tok.eoc_id), np.float64).reshape(-1, 2)
+    tokens, mask = np.asarray(gen.tokens), np.asarray(gen.mask)
+    special = (tok.eos_id, tok.pad_id, tok.eoc_id)
+    texts = [tok.decode([t for t, m in zip(row, ok) if m and t not in special]) for row, ok in zip(tokens, mask)]
+    for i, prompt in enumerate(chunk):
+      a, b = texts[2 * i], texts[2 * i + 1]
+      if a == b:
+        ties += 1
+        continue
+      first = scores[i, 0] >= scores[i, 1]
+      records.append({"chosen": prompt + (a if first else b), "rejected": prompt + (b if first else a),
+                      "gold_margin": float(abs(scores[i, 0] - scores[i, 1]))})
+      margins.append(abs(scores[i, 0] - scores[i, 1]))
+  return records, {"num_pairs": len(records), "ties_not_written": ties,
+                   "mean_gold_margin": float(np.mean(margins)) if margins else float("nan")}
+
+
+def _labels_stage(config, workdir: str, name: str) -> Stage:
+  rl = ppo_config(config, workdir, name)
+  lab = config.labels
+  policy_name = lab.policy or name
+  settings = {"labels": lab.to_dict(), "policy": policy_name, "data": rl.data.to_dict(),
+              "prompt_len": rl.ppo.prompt_len}
+
+  def run(d):
+    from rlhf_jax.train_ppo import prompt_texts, same_tokenizer
+    mesh = shd.make_mesh(rl.mesh.shape)
+    policy_dir, gold_dir = os.path.join(workdir, f"lm_{policy_name}"), os.path.join(workdir, f"pm_{GOLD}")
+    tok = same_tokenizer(policy_dir, gold_dir)
+    train_prompts, _ = prompt_texts(rl, d)  # labels only on training prompts; PPO evaluates on the rest
+    records, report = gold_labels(
+        _frozen(policy_dir, mesh), _frozen(gold_dir, mesh), tok, train_prompts, num_pairs=lab.num_pairs,
+        prompt_len=rl.ppo.prompt_len, max_new_tokens=lab.max_new_tokens or rl.ppo.max_new_tokens,
+        temperature=lab.temperature, batch_size=lab.batch_size, seed=lab.seed)
+    if jax.process_index() == 0:
+      _write_jsonl(os.path.join(d, "labels.jsonl"), records)
+    _barrier(f"labels_{name}")
+    return report
+  return Stage(f"labels_{name}", settings, run)
+
+
+def _bon_stage(config, workdir: str, name: str) -> Stage:
+  rl = ppo_config(config, workdir, name)
+  bon = config.bon
+  settings = {"bon": bon.to_dict(), "ppo": rl.ppo.to_dict(), "data": rl.data.to_dict()}
+
+  def run(d):
+    from rlhf_jax.train_ppo import prompt_batchers, same_tokenizer
+    mesh = shd.make_mesh(rl.mesh.shape)
+    tok = same_tokenizer(rl.policy_from, rl.pm_dir, *rl.eval.pm_dirs)
+    cfg = rl.copy_and_resolve_references()
+    cfg.eval.num_prompts = bon.num_prompts or rl.eval.num_prompts
+    _, eval_prompts = prompt_batchers(cfg, tok, d)  # the prompts PPO is evaluated on
+    extra = {f"pm_{GOLD}": _frozen(rl.eval.pm_dirs[0], mesh, True)}
+    rows = best_of_n(_frozen(rl.policy_from, mesh), _frozen(rl.pm_dir, mesh, True), extra,
+                     eval_prompts.in_order()[0], list(bon.ns), jax.random.PRNGKey(bon.seed),
+                     max_new_tokens=rl.ppo.max_new_tokens, temperature=rl.ppo.temperature, eos_id=tok.eos_id,
+                     pad_id=tok.pad_id, eoc_id=tok.eoc_id)
+    if jax.process_index() == 0:
+      _write_jsonl(os.path.join(d, "best_of_n.jsonl"), rows)
+    return {"max_n": max(bon.ns)}
+  return Stage(f"bon_{name}", settings, run)
+
+
+def plan(config, workdir: str) -> list[Stage]:
+  """The stages of the sweep, in the order they run."""
+  from rlhf_jax import train_lm, train_pm, train_ppo
+  if config.setup not in ("gold_pm", "halves"):
+    raise ValueError(f"setup={config.setup!r}: expected 'gold_pm' or 'halves'")
+  if not config.sizes:
+    raise ValueError("config.sizes is empty")
+  if GOLD in config.sizes:
+    raise ValueError(f"{GOLD!r} names the gold PM's size; rename that entry of config.sizes")
+  vocab = {name: model_config(config, name).vocab_size for name in (*config.sizes, GOLD)}  # fail now,
+  if len(set(vocab.values())) > 1:  # not after hours of earlier stages
+    raise ValueError(f"every size shares one tokenizer, but vocab_size differs: {vocab}")
+  stages = [_tokenizer_stage(config, workdir)]
+  stages += [_trainer_stage(f"lm_{n}", train_lm.train, lm_config(config, workdir, n)) for n in (*config.sizes, GOLD)]
+  stages.append(_trainer_stage(f"pm_{GOLD}", train_pm.train, pm_config(config, workdir, GOLD)))
+  for n in config.sizes:
+    if config.setup == "gold_pm":
+      stages.append(_labels_stage(config, workdir, n))
+    stages.append(_trainer_stage(f"pm_{n}", train_pm.train, pm_config(config, workdir, n)))
+    stages.append(_trainer_stage(f"ppo_{n}", train_ppo.train, ppo_config(config, workdir, n)))
+    stages.append(_bon_stage(config, workdir, n))
+  return stages
+
+
+# --- running and collecting --------------------------------------------------------------------
+
+
+def _portable(settings: dict, workdir: str) -> dict:
+  """Settings as JSON, with paths inside the sweep written relative to it: a moved or copied
+  sweep directory still resumes."""
+  text = json.dumps(settings, default=lambda v: list(v) if isinstance(v, tuple) else str(v), sort_keys=True)
+  return json.loads(text.replace(json.dumps(os.path.join(workdir, ""))[1:-1], "<workdir>/"))
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  os.replace(tmp, path)  # a killed write never leaves a half file behind
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:  # other hosts read what process 0 just wrote
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _differences(a, b, prefix: str = "") -> dict[str, tuple]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = {}
+    for key in sorted(set(a) | set(b)):
+      out.update(_differences(a.get(key), b.get(key), f"{prefix}{key}."))
+    return out
+  return {} if a == b else {prefix[:-1]: (a, b)}
+
+
+def _done(stage_dir: str, stage: Stage, workdir: str) -> Optional[dict]:
+  path = os.path.join(stage_dir, STAGE_DONE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    done = json.load(f)
+  now = _portable(stage.settings, workdir)
+  if done["settings"] != now:
+    diff = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in _differences(done["settings"], now).items())
+    raise ValueError(f"{path}: stage {stage.name} finished with other settings: {diff}; use another "
+                     f"workdir, or delete {stage_dir} to rerun it")
+  return done
+
+
+def run_sweep(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
+  """Runs (or resumes) every stage, then collects and analyses the results. stop_after names a
+  stage to stop after (for partial runs)."""
+  stages = plan(config, workdir)
+  if stop_after and stop_after not in {s.name for s in stages}:
+    raise ValueError(f"stop_after={stop_after!r} is not a stage; stages: {[s.name for s in stages]}")
+  os.makedirs(workdir, exist_ok=True)
+  t_start, timings = time.perf_counter(), {}
+  for i, stage in enumerate(stages, 1):
+    stage_dir = os.path.join(workdir, stage.name)
+    done = _done(stage_dir, stage, workdir)
+    if done is not None:
+      print(f"[{i}/{len(stages)}] {stage.name}: done earlier ({done['seconds']:.0f} s), skipped", flush=True)
+      timings[stage.name] = done["seconds"]
+    else:
+      print(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
+      os.makedirs(stage_dir, exist_ok=True)
+      t0 = time.perf_counter()
+      summary = stage.run(stage_dir)
+      timings[stage.name] = time.perf_counter() - t0
+      if jax.process_index() == 0:
+        tmp = os.path.join(stage_dir, STAGE_DONE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+          json.dump({"settings": _portable(stage.settings, workdir), "summary": _portable(summary, workdir),
+                     "seconds": timings[stage.name]}, f, indent=2)
+        os.replace(tmp, os.path.join(stage_dir, STAGE_DONE))
+      _barrier(stage.name)
+      print(f"[{i}/{len(stages)}] {stage.name}: {timings[stage.name]:.0f} s", flush=True)
+    if stage.name == stop_after:
+      return {"stopped_after": stop_after, "timings": timings}
+  rows = collect_results(config, workdir)
+  out = {"results": os.path.join(workdir, RESULTS_FILE), "timings": timings,
+         "seconds_this_run": time.perf_counter() - t_start}
+  if jax.process_index() == 0:
+    _write_jsonl(out["results"], rows)
+    from rlhf_jax import scaling_analysis
+    out["analysis"] = scaling_analysis.analyse(workdir)
+  return out
+
+
+def collect_results(config, workdir: str) -> list[dict]:
+  """One row per evaluated point: PPO evaluations (step = iteration, 0 = initial policy) and
+  best-of-N (step = N), with the proxy PM's and the gold PM's normalised rewards."""
+  gold_key = f"pm_{GOLD}_reward"
+  rows = []
+  for name in config.sizes:
+    base = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"]}
+    by_step = {}  # a resumed run may log a step twice: its last record wins
+    for m in read_metrics(os.path.join(workdir, f"ppo_{name}")):
+      if "eval_kl" in m:
+        by_step[m["step"]] = m
+    for step, m in sorted(by_step.items()):
+      kl = float(m["eval_kl"])
+      rows.append({**base, "method": "rl", "step": int(step), "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
+                   "proxy_reward": float(m["eval_pm_reward"]), "gold_reward": float(m[f"eval_{gold_key}"])})
+    with open(os.path.join(workdir, f"bon_{name}", "best_of_n.jsonl"), encoding="utf-8") as f:
+      for line in f:
+        b = json.loads(line)
+        rows.append({**base, "method": "bon", "step": int(b["n"]), "kl": float(b["kl"]),
+                     "sqrt_kl": float(b["sqrt_kl"]), "proxy_reward": float(b["proxy_reward"]),
+                     "gold_reward": float(b[gold_key])})
+  return rows
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def main_factory() -> Callable:
+  config_flag = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. experiments/tiny_sweep.py.",
+                                                lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "Sweep directory (default: config.workdir).")
+  stop_flag = flags.DEFINE_string("stop_after", "", "Stop after this stage (e.g. lm_gold).")
+  distributed_flag = flags.DEFINE_bool("jax_distributed", False,
+                                       "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
+
+  def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    if distributed_flag.value:
+      jax.distributed.initialize()
+    if config_flag.value is None:
+      raise app.UsageError("--config is required, e.g. --config=experiments/tiny_sweep.py")
+    workdir = workdir_flag.value or config_flag.value.workdir
+    try:
+      out = run_sweep(config_flag.value, workdir, stop_after=stop_flag.value)
+    except SweepInterrupted as e:
+      print(f"interrupted: {e}")
+      raise SystemExit(75)  # EX_TEMPFAIL: schedulers may requeue
+    if "analysis" in out:
+      with open(out["analysis"]["table"], encoding="utf-8") as f:
+        print(f.read())
+      print(f"results: {out['results']}")
+      for key, path in out["analysis"].items():
+        print(f"{key}: {path}")
+    print(f"stage seconds: {json.dumps({k: round(v) for k, v in out['timings'].items()})}")
+
+  return main
+
+
+if __name__ == "__main__":
+  app.run(main_factory())

@@ -1,0 +1,176 @@
+"""The scaling sweep: stages, gold labels, collected results, resume of a killed sweep."""
+import json
+import math
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import micro_sweep_config
+from rlhf_jax import metrics, sweep
+from rlhf_jax.model_config import param_counts
+from rlhf_jax.scaling_analysis import load_results
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, sweep.RESULTS_FILE)) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_plan_runs_every_stage_in_dependency_order(tmp_path):
+  names = [s.name for s in sweep.plan(micro_sweep_config(), str(tmp_path))]
+  assert names == ["tokenizer", "lm_xs", "lm_s", "lm_gold", "pm_gold", "labels_xs", "pm_xs", "ppo_xs", "bon_xs",
+                   "labels_s", "pm_s", "ppo_s", "bon_s"]
+  halves = [s.name for s in sweep.plan(micro_sweep_config(setup="halves"), str(tmp_path))]
+  assert [n for n in names if not n.startswith("labels_")] == halves
+
+
+def test_stage_configs_wire_the_pipeline(tmp_path):
+  c, w = micro_sweep_config(), str(tmp_path)
+  assert sweep.pm_config(c, w, "xs").data.path == os.path.join(w, "labels_xs", "labels.jsonl")
+  assert sweep.pm_config(c, w, "xs").init_from == os.path.join(w, "lm_xs")
+  assert sweep.pm_config(c, w, "gold").data.path == ""  # the gold PM learns from the human data
+  assert sweep.pm_config(c, w, "gold").train.steps == 30 and sweep.pm_config(c, w, "xs").train.steps == 20
+  rl = sweep.ppo_config(c, w, "s")
+  assert (rl.policy_from, rl.pm_dir) == (os.path.join(w, "lm_s"), os.path.join(w, "pm_s"))
+  assert tuple(rl.eval.pm_dirs) == (os.path.join(w, "pm_gold"),)
+  assert sweep.lm_config(c, w, "s").model.d_model == 48
+  halves = micro_sweep_config(setup="halves")
+  assert (sweep.pm_config(halves, w, "xs").data.half, sweep.pm_config(halves, w, "gold").data.half) == ("a", "b")
+  assert sweep.pm_config(halves, w, "xs").data.path == ""
+
+
+def test_bad_sweep_configs_are_named(tmp_path):
+  with pytest.raises(ValueError, match=r"rl\.ppo\.clip_epsilon: no such setting"):
+    sweep.plan(micro_sweep_config(rl={"ppo": {"clip_epsilon": 0.1}}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"size 'l' has no entry in config.models"):
+    sweep.plan(micro_sweep_config(sizes=("xs", "l")), str(tmp_path))
+  with pytest.raises(ValueError, match=r"unknown ModelConfig fields \['depth'\]"):
+    sweep.plan(micro_sweep_config(models={"xs": {"depth": 2}, "gold": {}}, sizes=("xs",)), str(tmp_path))
+  with pytest.raises(ValueError, match="setup='gao'"):
+    sweep.plan(micro_sweep_config(setup="gao"), str(tmp_path))
+
+
+class _Tok:
+  """Characters as tokens: id = ord(c) - 90 for 'a'..'z' (ids 7..32); 0 pad, 2 EOS, 3 EOC."""
+  pad_id, eos_id, eoc_id = 0, 2, 3
+
+  def encode(self, text):
+    return [ord(ch) - 90 for ch in text if "a" <= ch <= "z"] or [7]
+
+  def decode(self, ids):
+    return "".join(chr(i + 90) for i in ids if i >= 7)
+
+
+def test_gold_labels_prefer_the_higher_gold_score_and_count_ties(monkeypatch):
+  from rlhf_jax.model import Transformer, init_params
+  from rlhf_jax.model_config import ModelConfig
+  cfg = ModelConfig(vocab_size=40, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                    mlp_dim=32, max_seq_len=64)
+  policy = type("P", (), {"model": Transformer(cfg), "params": init_params(cfg, jax.random.PRNGKey(0))})()
+  tok = _Tok()
+  scored = []
+
+  def fake_pm_score(model, params, prompt, prompt_mask, response, response_mask, eoc_id):
+    # "Gold" score: the number of 'z' in the decoded response, an independent host-side rule.
+    texts = [tok.decode([t for t, m in zip(r, ok) if m and t != tok.eos_id])
+             for r, ok in zip(np.asarray(response), np.asarray(response_mask))]
+    scored.extend(texts)
+    return np.array([t.count("z") + 0.01 * len(t) for t in texts])
+
+  monkeypatch.setattr(sweep, "pm_score", fake_pm_score)
+  prompts = ["abc", "hello", "xyz"]
+  gold = type("G", (), {"model": None, "params": None})()
+  records, report = sweep.gold_labels(policy, gold, tok, prompts, num_pairs=40, prompt_len=8,
+                                      max_new_tokens=3, temperature=3.0, batch_size=16, seed=0)
+  assert report["num_pairs"] == len(records) and len(records) + report["ties_not_written"] == 40
+  assert len(scored) == 80  # every pair scored once, both responses
+  for i, r in enumerate(records):
+    prompt = next(p for p in prompts if r["chosen"].startswith(p))
+    chosen, rejected = r["chosen"][len(prompt):], r["rejected"][len(prompt):]
+    assert r["rejected"].startswith(prompt) and chosen != rejected
+    gold = lambda t: t.count("z") + 0.01 * len(t)
+    assert gold(chosen) >= gold(rejected)
+    assert r["gold_margin"] == pytest.approx(gold(chosen) - gold(rejected))
+  # prompts are cycled in order: pair k answers prompts[k % 3]
+  firsts = [next(p for p in prompts if r["chosen"].startswith(p)) for r in records]
+  assert set(firsts) == set(prompts)
+
+
+def test_micro_sweep_collects_every_point(micro_sweep_dir):
+  c = micro_sweep_config()
+  rows = load_results(micro_sweep_dir)  # validated by the analysis reader
+  assert rows == _results(micro_sweep_dir)
+  for size in c.sizes:
+    rl = [r for r in rows if r["size"] == size and r["method"] == "rl"]
+    bon = [r for r in rows if r["size"] == size and r["method"] == "bon"]
+    assert [r["step"] for r in rl] == [0, 2, 4] and [r["step"] for r in bon] == [1, 2, 4]
+    assert rl[0]["kl"] == 0.0 and bon[0]["kl"] == 0.0
+    assert {r["params"] for r in rl + bon} == {param_counts(sweep.model_config(c, size))["non_embedding"]}
+    # Each RL row is exactly the PPO run's evaluation at that step, gold reward from the gold PM.
+    logged = {m["step"]: m for m in metrics.read_metrics(os.path.join(micro_sweep_dir, f"ppo_{size}"))
+              if "eval_kl" in m}
+    for r in rl:
+      m = logged[r["step"]]
+      assert (r["kl"], r["proxy_reward"], r["gold_reward"]) == (m["eval_kl"], m["eval_pm_reward"],
+                                                                 m["eval_pm_gold_reward"])
+      assert r["sqrt_kl"] == pytest.approx(math.sqrt(max(r["kl"], 0.0)))
+    for r in bon:
+      assert r["kl"] == pytest.approx(math.log(r["step"]) - (r["step"] - 1) / r["step"], abs=1e-12)
+    # Proxy PM trained on the gold labels it was given (and nothing else).
+    with open(os.path.join(micro_sweep_dir, f"labels_{size}", "labels.jsonl")) as f:
+      num_labels = sum(1 for _ in f)
+    with open(os.path.join(micro_sweep_dir, f"pm_{size}", "config.json")) as f:
+      pm_cfg = json.load(f)
+    assert pm_cfg["data"]["path"].endswith(f"labels_{size}/labels.jsonl")
+    assert pm_cfg["num_train_comparisons"] + pm_cfg["num_eval_comparisons"] == num_labels
+  for name in ("scaling.md", "fits.json", "reward_vs_sqrt_kl.png", "proxy_vs_gold.png", "slope_vs_size.png"):
+    assert os.path.getsize(os.path.join(micro_sweep_dir, "analysis", name)) > 0
+
+
+def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_dir, capsys):
+  before = {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))
+            for d in os.listdir(micro_sweep_dir) if os.path.exists(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))}
+  assert len(before) == 13
+  sweep.run_sweep(micro_sweep_config(), micro_sweep_dir)
+  assert capsys.readouterr().out.count("skipped") == 13
+  assert before == {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE)) for d in before}
+  changed = micro_sweep_config()
+  changed.rl.kl = {"coef": 0.5}
+  with pytest.raises(ValueError, match=r"ppo_xs finished with other settings: kl.coef 0.001 -> 0.5"):
+    sweep.run_sweep(changed, micro_sweep_dir)
+
+
+def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_path, monkeypatch, capsys):
+  # A copy of the finished sweep (settings are stored relative to the sweep, so it still resumes)
+  # without its last two stages, rerun with a preemption notice in the middle of ppo_s.
+  workdir = str(tmp_path / "killed")
+  shutil.copytree(micro_sweep_dir, workdir)
+  for name in ("ppo_s", "bon_s", "analysis", sweep.RESULTS_FILE):
+    path = os.path.join(workdir, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  write = metrics.MetricsWriter.write
+
+  def write_then_sigterm(self, step, values):
+    write(self, step, values)
+    if self.logdir.endswith("ppo_s") and step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(metrics.MetricsWriter, "write", write_then_sigterm)
+  with pytest.raises(sweep.SweepInterrupted, match="ppo_s stopped at step 3 of 4"):
+    sweep.run_sweep(micro_sweep_config(), workdir)
+  assert not os.path.exists(os.path.join(workdir, "ppo_s", sweep.STAGE_DONE))
+  assert not os.path.exists(os.path.join(workdir, "bon_s"))
+  monkeypatch.setattr(metrics.MetricsWriter, "write", write)
+  capsys.readouterr()
+  sweep.run_sweep(micro_sweep_config(), workdir)
+  out = capsys.readouterr().out
+  assert out.count("skipped") == 11 and "resumed from step 3" in out  # only ppo_s and bon_s ran
+  got, want = _results(workdir), _results(micro_sweep_dir)
+  assert [(r["size"], r["method"], r["step"]) for r in got] == [(r["size"], r["method"], r["step"]) for r in want]
+  for g, w in zip(got, want):
+    for key in ("kl", "proxy_reward", "gold_reward"):
+      np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-6, err_msg=f"{g['size']} {g['method']} {key}")
