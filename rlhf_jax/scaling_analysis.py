@@ -186,9 +186,11 @@ def fit_all(rows: Sequence[dict]) -> list[dict]:
   fits = []
   for (size, method), series in group_series(rows).items():
     d, gold = _column(series, "sqrt_kl"), _column(series, "gold_reward")
-    at_zero = d == 0
+    # The initial policy (rl step 0, bon N = 1) has KL exactly 0. A moved policy whose sampled KL
+    # estimate came out negative also has sqrt_kl = 0, but is no baseline.
+    at_zero = _column(series, "kl") == 0
     if not at_zero.any():
-      raise ValueError(f"size {size!r}, method {method!r}: no point at sqrt_kl == 0 "
+      raise ValueError(f"size {size!r}, method {method!r}: no point at kl == 0 "
                        "(rl step 0 / bon N = 1), so no baseline for the gold gain")
     gold_at_zero = float(gold[at_zero].mean())
     notes = []

@@ -230,7 +230,7 @@ def test_fit_all_gain_is_over_the_mean_gold_at_zero_kl():
 
 def test_fit_all_errors():
   rows = [r for r in _synthetic_rows() if not (r["size"] == "s2" and r["method"] == "bon" and r["step"] == 1)]
-  with pytest.raises(ValueError, match="size 's2', method 'bon': no point at sqrt_kl == 0"):
+  with pytest.raises(ValueError, match="size 's2', method 'bon': no point at kl == 0"):
     sa.fit_all(rows)
   rows = _synthetic_rows()
   rows[3] = {**rows[3], "params": 7}
@@ -304,3 +304,25 @@ def test_cli_prints_table_and_paths(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "| size | params | method |" in out
   assert f"slope_vs_size: {tmp_path / 'analysis' / 'slope_vs_size.png'}" in out
+
+
+def test_fit_all_reports_a_degenerate_series_instead_of_failing():
+  # A policy that never moved: its RL points all sit at one KL. The other series still fit.
+  rows = [r for r in _synthetic_rows() if not (r["size"] == "s1" and r["method"] == "rl" and r["step"] > 1)]
+  fits = {(f["size"], f["method"]): f for f in sa.fit_all(rows)}
+  bad = fits[("s1", "rl")]
+  assert bad["n"] == 2 and "Gao fit: need at least 2 distinct d > 0" in bad["note"]
+  assert math.isnan(bad["gao_alpha"]) and math.isnan(bad["gao_r2"])
+  assert bad["proxy_slope"] == pytest.approx(sa.fit_linear([r["sqrt_kl"] for r in rows[:2]],
+                                                           [r["proxy_reward"] for r in rows[:2]]).slope)
+  good = fits[("s1", "bon")]
+  assert good["note"] == "" and np.isfinite(good["gao_alpha"])
+
+
+def test_gain_baseline_is_the_kl_zero_point_not_a_negative_kl_estimate():
+  rows = [r for r in _synthetic_rows() if r["size"] == "s1" and r["method"] == "rl"]
+  baseline = rows[0]["gold_reward"]
+  # A later iteration whose k1 estimate came out negative: sqrt_kl is 0 but it is not the start.
+  rows.append({**rows[1], "step": 99, "kl": -0.01, "sqrt_kl": 0.0, "gold_reward": baseline + 5.0})
+  (fit,) = sa.fit_all(rows)
+  assert fit["gold_at_zero"] == baseline

@@ -21,10 +21,11 @@ def _results(workdir):
 
 
 def test_plan_runs_every_stage_in_dependency_order(tmp_path):
-  names = [s.name for s in sweep.plan(micro_sweep_config(), str(tmp_path))]
+  two = dict(sizes=("xs", "s"))
+  names = [s.name for s in sweep.plan(micro_sweep_config(**two), str(tmp_path))]
   assert names == ["tokenizer", "lm_xs", "lm_s", "lm_gold", "pm_gold", "labels_xs", "pm_xs", "ppo_xs", "bon_xs",
                    "labels_s", "pm_s", "ppo_s", "bon_s"]
-  halves = [s.name for s in sweep.plan(micro_sweep_config(setup="halves"), str(tmp_path))]
+  halves = [s.name for s in sweep.plan(micro_sweep_config(setup="halves", **two), str(tmp_path))]
   assert [n for n in names if not n.startswith("labels_")] == halves
 
 
@@ -134,9 +135,9 @@ def test_micro_sweep_collects_every_point(micro_sweep_dir):
 def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_dir, capsys):
   before = {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))
             for d in os.listdir(micro_sweep_dir) if os.path.exists(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))}
-  assert len(before) == 13
+  assert len(before) == 8
   sweep.run_sweep(micro_sweep_config(), micro_sweep_dir)
-  assert capsys.readouterr().out.count("skipped") == 13
+  assert capsys.readouterr().out.count("skipped") == 8
   assert before == {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE)) for d in before}
   changed = micro_sweep_config()
   changed.rl.kl = {"coef": 0.5}
@@ -146,29 +147,29 @@ def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_
 
 def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_path, monkeypatch, capsys):
   # A copy of the finished sweep (settings are stored relative to the sweep, so it still resumes)
-  # without its last two stages, rerun with a preemption notice in the middle of ppo_s.
+  # without its last two stages, rerun with a preemption notice in the middle of ppo_xs.
   workdir = str(tmp_path / "killed")
   shutil.copytree(micro_sweep_dir, workdir)
-  for name in ("ppo_s", "bon_s", "analysis", sweep.RESULTS_FILE):
+  for name in ("ppo_xs", "bon_xs", "analysis", sweep.RESULTS_FILE):
     path = os.path.join(workdir, name)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   write = metrics.MetricsWriter.write
 
   def write_then_sigterm(self, step, values):
     write(self, step, values)
-    if self.logdir.endswith("ppo_s") and step == 3:
+    if self.logdir.endswith("ppo_xs") and step == 3:
       os.kill(os.getpid(), signal.SIGTERM)
 
   monkeypatch.setattr(metrics.MetricsWriter, "write", write_then_sigterm)
-  with pytest.raises(sweep.SweepInterrupted, match="ppo_s stopped at step 3 of 4"):
+  with pytest.raises(sweep.SweepInterrupted, match="ppo_xs stopped at step 3 of 4"):
     sweep.run_sweep(micro_sweep_config(), workdir)
-  assert not os.path.exists(os.path.join(workdir, "ppo_s", sweep.STAGE_DONE))
-  assert not os.path.exists(os.path.join(workdir, "bon_s"))
+  assert not os.path.exists(os.path.join(workdir, "ppo_xs", sweep.STAGE_DONE))
+  assert not os.path.exists(os.path.join(workdir, "bon_xs"))
   monkeypatch.setattr(metrics.MetricsWriter, "write", write)
   capsys.readouterr()
   sweep.run_sweep(micro_sweep_config(), workdir)
   out = capsys.readouterr().out
-  assert out.count("skipped") == 11 and "resumed from step 3" in out  # only ppo_s and bon_s ran
+  assert out.count("skipped") == 6 and "resumed from step 3" in out  # only ppo_xs and bon_xs ran
   got, want = _results(workdir), _results(micro_sweep_dir)
   assert [(r["size"], r["method"], r["step"]) for r in got] == [(r["size"], r["method"], r["step"]) for r in want]
   for g, w in zip(got, want):
