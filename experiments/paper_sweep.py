@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.models.gold = {"preset": "2.7b"}
   c.data = ml_collections.ConfigDict({"subset": "helpful-base", "split": "train", "eval_split": "test"})
   c.lm = ml_collections.ConfigDict({})
+  c.sft = ml_collections.ConfigDict({"objective": "distill", "train": {"steps": 2000}})
   c.pm = ml_collections.ConfigDict({})
   c.gold_pm = ml_collections.ConfigDict({"train": {"steps": 10000}})
   c.labels = ml_collections.ConfigDict({"num_pairs": 50000, "policy": "", "max_new_tokens": 0,

@@ -3,7 +3,7 @@
   python -m rlhf_jax.sweep --config=experiments/tiny_sweep.py [--config.setup=halves]
 
 Sizes are ModelConfig fields over the `tiny` preset (vocabulary 1024, one shared tokenizer). The
-sections lm / pm / gold_pm / rl override configs/lm.py, configs/pm.py and configs/ppo.py.
+sections lm / sft / pm / gold_pm / rl override configs/lm.py, configs/pm.py and configs/ppo.py.
 """
 import ml_collections
 
@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Sequences of 64 tokens hold the PPO samples (32 prompt + 16 response tokens) with room to spare.
   train = lambda steps: {"steps": steps, "seq_len": 64, "eval_every": steps, "checkpoint_every": 50}
   c.lm = ml_collections.ConfigDict({"train": train(200)})
+  # The initial policies: SFT on the Assistant turns ("distill" for context distillation, "" to
+  # start PPO from the pretrained LM).
+  c.sft = ml_collections.ConfigDict({"objective": "sft", "train": train(100),
+                                     "optimizer": {"learning_rate": 1e-3}})
   c.pm = ml_collections.ConfigDict({"train": train(120)})
   c.gold_pm = ml_collections.ConfigDict({"train": train(200)})
   c.labels = ml_collections.ConfigDict({

@@ -13,8 +13,12 @@ Two setups (config.setup):
 - "halves" (Bai et al. 2022, section 4.3): proxy ("train") PMs on one half of the human
   comparisons, the gold-size "test" PM on the other half.
 
-Stages, each in its own subdirectory: tokenizer, lm_<size>, pm_gold, [labels_<size>], pm_<size>,
-ppo_<size>, bon_<size>. A finished stage leaves stage_done.json (with the settings it ran with)
+Each size's initial policy is its pretrained LM, or, with config.sft.objective = "sft" or
+"distill", that LM fine-tuned on the Assistant turns or context-distilled (Bai et al. start RLHF
+from context-distilled models); PMs start from the pretrained LM.
+
+Stages, each in its own subdirectory: tokenizer, lm_<size>, [sft_<size>], pm_gold,
+[labels_<size>], pm_<size>, ppo_<size>, bon_<size>. A finished stage leaves stage_done.json (with the settings it ran with)
 and is skipped on a rerun; an interrupted one resumes from its last checkpoint. So a killed sweep
 is resumed by running the same command again.
 """
@@ -100,6 +104,19 @@ def lm_config(config, workdir: str, name: str):
   return c
 
 
+def sft_config(config, workdir: str, name: str):
+  """The initial policy's stage: SFT or context distillation from the pretrained LM."""
+  c = lm_config(config, workdir, name)
+  override(c, config.sft, "sft")
+  c.init_from = os.path.join(workdir, f"lm_{name}")
+  return c
+
+
+def policy_dir(config, workdir: str, name: str) -> str:
+  """The initial policy of size `name`: its SFT / distilled LM if config.sft.objective, else the LM."""
+  return os.path.join(workdir, f"sft_{name}" if config.sft.objective else f"lm_{name}")
+
+
 def pm_config(config, workdir: str, name: str):
   from configs import pm
   c = _stage_config(pm, config, workdir, name, "pm", *(("gold_pm",) if name == GOLD else ()))
@@ -114,7 +131,7 @@ def pm_config(config, workdir: str, name: str):
 def ppo_config(config, workdir: str, name: str):
   from configs import ppo
   c = _stage_config(ppo, config, workdir, name, "rl")
-  c.policy_from = os.path.join(workdir, f"lm_{name}")
+  c.policy_from = policy_dir(config, workdir, name)
   c.pm_dir = os.path.join(workdir, f"pm_{name}")
   c.eval.pm_dirs = (os.path.join(workdir, f"pm_{GOLD}"),)
   return c
@@ -201,11 +218,11 @@ def _labels_stage(config, workdir: str, name: str) -> Stage:
   def run(d):
     from rlhf_jax.train_ppo import prompt_texts, same_tokenizer
     mesh = shd.make_mesh(rl.mesh.shape)
-    policy_dir, gold_dir = os.path.join(workdir, f"lm_{policy_name}"), os.path.join(workdir, f"pm_{GOLD}")
-    tok = same_tokenizer(policy_dir, gold_dir)
+    policy, gold_dir = policy_dir(config, workdir, policy_name), os.path.join(workdir, f"pm_{GOLD}")
+    tok = same_tokenizer(policy, gold_dir)
     train_prompts, _ = prompt_texts(rl, d)  # labels only on training prompts; PPO evaluates on the rest
     records, report = gold_labels(
-        _frozen(policy_dir, mesh), _frozen(gold_dir, mesh), tok, train_prompts, num_pairs=lab.num_pairs,
+        _frozen(policy, mesh), _frozen(gold_dir, mesh), tok, train_prompts, num_pairs=lab.num_pairs,
         prompt_len=rl.ppo.prompt_len, max_new_tokens=lab.max_new_tokens or rl.ppo.max_new_tokens,
         temperature=lab.temperature, batch_size=lab.batch_size, seed=lab.seed)
     if jax.process_index() == 0:
@@ -252,6 +269,8 @@ def plan(config, workdir: str) -> list[Stage]:
     raise ValueError(f"every size shares one tokenizer, but vocab_size differs: {vocab}")
   stages = [_tokenizer_stage(config, workdir)]
   stages += [_trainer_stage(f"lm_{n}", train_lm.train, lm_config(config, workdir, n)) for n in (*config.sizes, GOLD)]
+  if config.sft.objective:
+    stages += [_trainer_stage(f"sft_{n}", train_lm.train, sft_config(config, workdir, n)) for n in config.sizes]
   stages.append(_trainer_stage(f"pm_{GOLD}", train_pm.train, pm_config(config, workdir, GOLD)))
   for n in config.sizes:
     if config.setup == "gold_pm":

@@ -31,6 +31,7 @@ def micro_sweep_config(**changes):
   short = lambda steps: {"steps": steps, "batch_size": 8, "seq_len": 64, "eval_every": steps,
                          "checkpoint_every": steps, "log_every": 5, "async_checkpointing": False}
   c.lm = {**data_parallel, "train": short(30)}
+  c.sft = {"objective": "sft", "train": short(10)}
   c.pm = {**data_parallel, "train": short(20)}
   c.gold_pm = {"train": short(30)}
   c.labels.num_pairs, c.labels.batch_size = 64, 64

@@ -23,10 +23,13 @@ def _results(workdir):
 def test_plan_runs_every_stage_in_dependency_order(tmp_path):
   two = dict(sizes=("xs", "s"))
   names = [s.name for s in sweep.plan(micro_sweep_config(**two), str(tmp_path))]
-  assert names == ["tokenizer", "lm_xs", "lm_s", "lm_gold", "pm_gold", "labels_xs", "pm_xs", "ppo_xs", "bon_xs",
-                   "labels_s", "pm_s", "ppo_s", "bon_s"]
+  assert names == ["tokenizer", "lm_xs", "lm_s", "lm_gold", "sft_xs", "sft_s", "pm_gold", "labels_xs", "pm_xs",
+                   "ppo_xs", "bon_xs", "labels_s", "pm_s", "ppo_s", "bon_s"]
   halves = [s.name for s in sweep.plan(micro_sweep_config(setup="halves", **two), str(tmp_path))]
   assert [n for n in names if not n.startswith("labels_")] == halves
+  no_sft = micro_sweep_config(**two)
+  no_sft.sft.objective = ""
+  assert [s.name for s in sweep.plan(no_sft, str(tmp_path))] == [n for n in names if not n.startswith("sft_")]
 
 
 def test_stage_configs_wire_the_pipeline(tmp_path):
@@ -36,7 +39,12 @@ def test_stage_configs_wire_the_pipeline(tmp_path):
   assert sweep.pm_config(c, w, "gold").data.path == ""  # the gold PM learns from the human data
   assert sweep.pm_config(c, w, "gold").train.steps == 30 and sweep.pm_config(c, w, "xs").train.steps == 20
   rl = sweep.ppo_config(c, w, "s")
-  assert (rl.policy_from, rl.pm_dir) == (os.path.join(w, "lm_s"), os.path.join(w, "pm_s"))
+  assert (rl.policy_from, rl.pm_dir) == (os.path.join(w, "sft_s"), os.path.join(w, "pm_s"))
+  sft = sweep.sft_config(c, w, "s")
+  assert (sft.objective, sft.init_from, sft.train.steps, sft.train.seq_len) == ("sft", os.path.join(w, "lm_s"), 10, 64)
+  c.sft.objective = ""  # PPO, labels and best-of-N then start from the pretrained LM
+  assert sweep.ppo_config(c, w, "s").policy_from == os.path.join(w, "lm_s")
+  c = micro_sweep_config()
   assert tuple(rl.eval.pm_dirs) == (os.path.join(w, "pm_gold"),)
   assert sweep.lm_config(c, w, "s").model.d_model == 48
   halves = micro_sweep_config(setup="halves")
@@ -135,9 +143,9 @@ def test_micro_sweep_collects_every_point(micro_sweep_dir):
 def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_dir, capsys):
   before = {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))
             for d in os.listdir(micro_sweep_dir) if os.path.exists(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))}
-  assert len(before) == 8
+  assert len(before) == 9
   sweep.run_sweep(micro_sweep_config(), micro_sweep_dir)
-  assert capsys.readouterr().out.count("skipped") == 8
+  assert capsys.readouterr().out.count("skipped") == 9
   assert before == {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE)) for d in before}
   changed = micro_sweep_config()
   changed.rl.kl = {"coef": 0.5}
@@ -169,7 +177,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_
   capsys.readouterr()
   sweep.run_sweep(micro_sweep_config(), workdir)
   out = capsys.readouterr().out
-  assert out.count("skipped") == 6 and "resumed from step 3" in out  # only ppo_xs and bon_xs ran
+  assert out.count("skipped") == 7 and "resumed from step 3" in out  # only ppo_xs and bon_xs ran
   got, want = _results(workdir), _results(micro_sweep_dir)
   assert [(r["size"], r["method"], r["step"]) for r in got] == [(r["size"], r["method"], r["step"]) for r in want]
   for g, w in zip(got, want):
