@@ -13,6 +13,20 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 
 
+def small_run_config(config, steps: int, max_examples: int):
+  """An LM / PM config shrunk for an in-process test run on all 8 fake devices (FSDP)."""
+  config.train.steps = steps
+  config.train.batch_size = 8
+  config.train.seq_len = 64
+  config.train.log_every = 1
+  config.train.eval_every = steps
+  config.train.checkpoint_every = 1000
+  config.data.max_examples = max_examples
+  config.mesh.shape = (1, -1, 1)
+  config.progress_bar = False
+  return config
+
+
 def micro_sweep_config(**changes):
   """experiments/tiny_sweep.py shrunk to seconds per stage: one size (the per-size stages cost
   about a minute of compilation each), few steps, data parallel."""

@@ -21,6 +21,7 @@ from rlhf_jax import loop, pm, train_pm
 from rlhf_jax.checkpointing import Checkpointer
 from rlhf_jax.hh_rlhf.records import read_comparisons
 from rlhf_jax.lm_data import train_eval_records
+from conftest import small_run_config
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.model import init_params
 from rlhf_jax.pm_data import PMBatcher, encode_comparison, split_in_halves
@@ -62,17 +63,7 @@ def _write_comparisons(path, n, seed):
 
 
 def _config(steps=STEPS):
-  config = pm_config.get_config("tiny")
-  config.train.steps = steps
-  config.train.batch_size = 8
-  config.train.seq_len = 64
-  config.train.log_every = 1
-  config.train.eval_every = steps
-  config.train.checkpoint_every = 1000
-  config.data.max_examples = 200
-  config.mesh.shape = (1, -1, 1)  # in-process: all 8 fake devices, FSDP
-  config.progress_bar = False
-  return config
+  return small_run_config(pm_config.get_config("tiny"), steps, max_examples=200)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import loop, train_lm, train_pm, train_ppo
+from conftest import small_run_config
 from rlhf_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,16 +19,7 @@ from configs import ppo as ppo_config  # noqa: E402
 
 
 def _small(config, steps):
-  config.train.steps = steps
-  config.train.batch_size = 8
-  config.train.seq_len = 64
-  config.train.log_every = 1
-  config.train.eval_every = steps
-  config.train.checkpoint_every = 1000
-  config.data.max_examples = 120
-  config.mesh.shape = (1, -1, 1)
-  config.progress_bar = False
-  return config
+  return small_run_config(config, steps, max_examples=120)
 
 
 @pytest.fixture(scope="module")
