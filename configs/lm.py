@@ -47,6 +47,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "checkpoint_every": 100,
       "keep_checkpoints": 3,
       "async_checkpointing": True,
+      # Non-finite loss / gradient norm: the update is skipped; past this many the run stops.
+      "max_nonfinite_skips": 0,
   })
   c.data = ml_collections.ConfigDict({
       "path": "",  # any comparison file in hh-rlhf format; replaces subset/split when set

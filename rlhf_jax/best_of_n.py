@@ -18,8 +18,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
+from rlhf_jax import cli
 from rlhf_jax import sharding as shd
 from rlhf_jax.ppo_steps import pm_score
 from rlhf_jax.sampling import generate
@@ -110,4 +111,4 @@ def main_factory():
 
 
 if __name__ == "__main__":
-  app.run(main_factory())
+  cli.run(main_factory())

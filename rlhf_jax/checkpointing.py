@@ -3,13 +3,64 @@
 Saves are asynchronous (the step loop goes on while arrays are written) and keep the last N.
 Restoring takes an abstract target (`jax.ShapeDtypeStruct`s carrying shardings), so a state
 saved on one mesh restores onto any other mesh shape, or onto a single device.
+
+A step that fails to restore (a truncated array file, a half-copied directory) is moved aside to
+`<run>/checkpoints_corrupt/`, never deleted, and the next newest step is tried.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging as pylogging
 import os
+import sys
+import threading
+import time
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
+
+from rlhf_jax.errors import CheckpointError
+
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+def _is_orphaned_read_noise(exc: BaseException, obj: Any = None) -> bool:
+  # When one array of a checkpoint fails to read, orbax abandons the other reads; their
+  # tensorstore callbacks then fire into a closed event loop, dozens of tracebacks of no use.
+  return ((isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc))
+          or "_read_array_index_and_device_put" in repr(obj))
+
+
+@contextlib.contextmanager
+def _quiet_orphaned_reads():
+  """Silences only that noise (everything else still reaches the original hooks) while a restore
+  is tried and its abandoned reads are cleaned up."""
+  hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+  sys.excepthook = lambda t, e, tb: None if _is_orphaned_read_noise(e) else hooks[0](t, e, tb)
+  sys.unraisablehook = lambda u: None if _is_orphaned_read_noise(u.exc_value, u.object) else hooks[1](u)
+  threading.excepthook = lambda a: None if _is_orphaned_read_noise(a.exc_value) else hooks[2](a)
+  asyncio_logger = pylogging.getLogger("asyncio")  # "Task exception was never retrieved"
+  asyncio_logger.addFilter(_drop_abandoned_task_reports)
+  try:
+    yield
+  finally:
+    sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
+    asyncio_logger.removeFilter(_drop_abandoned_task_reports)
+
+
+def _drop_abandoned_task_reports(record: pylogging.LogRecord) -> bool:
+  return "exception was never retrieved" not in record.getMessage()
+
+
+def _reason(e: Exception) -> str:
+  first = str(e).split("See full TensorStore details")[0].strip().splitlines()
+  return f"{type(e).__name__}: {first[0] if first else ''}"[:300]
+
+
+def _settle() -> None:
+  time.sleep(0.2)  # let the abandoned reads finish, then collect them while still silenced
+  gc.collect()
 
 
 class Checkpointer:
@@ -36,6 +87,34 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
+  def restore_newest_good(self, abstract_state: Any) -> tuple[Any, dict]:
+    """(state, meta) of the newest step that restores cleanly; the steps above it that fail are
+    reported and moved aside. Raises CheckpointError when no step restores."""
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      with _quiet_orphaned_reads():
+        try:
+          return self.restore(abstract_state, step)
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+          reason = _reason(e)
+        _settle()
+      moved = self._move_aside(step)
+      print(f"checkpoint step {step} does not restore ({reason}); moved to {moved}", flush=True)
+      failures.append(f"step {step}: {reason}")
+    raise CheckpointError(f"{self.directory}: no checkpoint restores cleanly ("
+                          f"{'; '.join(failures) or 'none saved'}); damaged steps are in "
+                          f"{os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)}")
+
+  def _move_aside(self, step: int) -> str:
+    target_root = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
+    os.makedirs(target_root, exist_ok=True)
+    target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    while os.path.exists(target):
+      target += "_"
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()  # forget the moved step
+    return target
+
   def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
     """Only the params of a saved state, onto abstract_params' shardings: how one run starts from
     another's weights (an LM for a PM, a PM for a value model) whatever its optimizer state."""
@@ -45,7 +124,21 @@ class Checkpointer:
     item = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
-    return self._manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+    with _quiet_orphaned_reads():
+      try:
+        return self._manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+      except Exception as e:  # another run's final weights: no silent fallback to older ones
+        reason = _reason(e)
+      _settle()
+    raise CheckpointError(f"{os.path.join(self.directory, str(step))}: the params do not restore "
+                          f"({reason})")
+
+  def meta(self, step: int) -> dict:
+    """The JSON metadata saved with `step` ({} for a checkpoint without it)."""
+    try:
+      return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    except (KeyError, FileNotFoundError, ValueError):
+      return {}
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()

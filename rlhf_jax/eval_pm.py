@@ -4,7 +4,9 @@
 """
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from rlhf_jax import cli
 
 from rlhf_jax.pm_evaluation import evaluate_pm
 
@@ -21,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

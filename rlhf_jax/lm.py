@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding as shd
 from rlhf_jax.model import Transformer
-from rlhf_jax.train_state import TrainState
+from rlhf_jax.train_state import TrainState, keep_if_finite
 
 
 def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -74,10 +74,11 @@ def lm_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Tran
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  grad_norm = optax.tree.norm(grads)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             data_position=state.data_position + batch["tokens"].shape[0])
-  return new_state, metrics
+  new_state, skipped = keep_if_finite(new_state, state, metrics["loss"], grad_norm)
+  return new_state, dict(metrics, grad_norm=grad_norm, nonfinite=skipped)
 
 
 def lm_eval_step(params, batch: dict[str, jax.Array], *, model: Transformer) -> dict[str, jax.Array]:

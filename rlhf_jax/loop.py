@@ -13,12 +13,15 @@ import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-from absl import app, flags, logging
+import numpy as np
+from absl import flags, logging
 from ml_collections import config_flags
 from jax.sharding import Mesh
 
+from rlhf_jax import cli
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpointing import Checkpointer
+from rlhf_jax.errors import NonFiniteError
 from rlhf_jax.metrics import MetricsWriter, progress
 from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.model_config import ModelConfig
@@ -79,11 +82,42 @@ def restore_params(run_dir: str, abstract: TrainState):
 
 
 def resume_or(s: Setup, fresh: Callable[[], TrainState]) -> TrainState:
+  """The newest checkpoint that restores cleanly (damaged newer ones are moved aside), else
+  fresh()."""
   if s.ckpt.latest_step() is None:
     return fresh()
-  state, _ = s.ckpt.restore(s.abstract)
+  state, _ = s.ckpt.restore_newest_good(s.abstract)
   print(f"resumed from step {int(state.step)} in {s.ckpt.directory}")
   return state
+
+
+class NonFiniteGuard:
+  """The host's half of the non-finite guard (the jitted steps skip a non-finite update and flag
+  it, see train_state.keep_if_finite). Flags are read lazily, before each log line and each
+  checkpoint, so the loop gains no host sync; past `max_skips` skipped batches the run stops."""
+
+  def __init__(self, max_skips: int, skipped: int = 0):
+    self.max_skips, self.skipped, self._pending = max_skips, skipped, []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, {k: metrics[k] for k in ("nonfinite", "loss", "grad_norm") if k in metrics}))
+
+  def check(self, last_checkpoint: Optional[int], directory: str) -> None:
+    pending, self._pending = self._pending, []
+    for step, m in pending:
+      if float(m["nonfinite"]) == 0:
+        continue
+      self.skipped += 1
+      values = {k: float(v) for k, v in m.items() if k != "nonfinite"}
+      bad = [f"{k}={v}" for k, v in values.items() if not np.isfinite(v)] or ["params after the update"]
+      if self.skipped > self.max_skips:
+        raise NonFiniteError(
+            f"step {step}: non-finite {', '.join(bad)}; stopped without checkpointing it (last "
+            f"checkpoint: {'none' if last_checkpoint is None else f'step {last_checkpoint}'} in "
+            f"{directory}). Lower optimizer.learning_rate, clip gradients (optimizer.grad_clip), or "
+            f"skip bad batches with train.max_nonfinite_skips=N ({self.skipped - 1} skipped so far)")
+      logging.warning("step %d: non-finite %s; update skipped (%d of train.max_nonfinite_skips=%d)",
+                      step, ", ".join(bad), self.skipped, self.max_skips)
 
 
 def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
@@ -94,9 +128,13 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
   Returns the last logged metrics."""
   t = config.train
   writer = MetricsWriter(workdir)
-  writer.write_config(dict(config.to_dict(), **(run_info or {})))
+  # The directory the run really used, whatever config.workdir says (a sweep stage, --workdir).
+  writer.write_config(dict(config.to_dict(), **(run_info or {}), workdir=os.path.abspath(workdir)))
   preemption = Preemption()
   start, last = int(state.step), {}
+  guard = NonFiniteGuard(t.get("max_nonfinite_skips", 0),
+                         s.ckpt.meta(start).get("nonfinite_skips", 0) if start else 0)
+  saved_step = s.ckpt.latest_step()
   bar = progress(t.steps, desc=desc, disable=None if config.progress_bar else True)
   bar.update(start)
   t0 = time.perf_counter()
@@ -105,20 +143,26 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
       writer.write(0, evaluate(state.params))
     for i in range(start + 1, t.steps + 1):
       state, metrics = step(state, int(state.data_position))
+      guard.add(i, metrics)
       bar.update(1)
+      saved = i % t.checkpoint_every == 0 or i == t.steps
+      if i % t.log_every == 0 or saved or preemption.requested:
+        guard.check(saved_step, s.ckpt.directory)  # raises before anything bad is logged as good
       if i % t.log_every == 0 or i == t.steps:
         last = {k: float(v) for k, v in metrics.items()}  # the only host sync in the loop
         last["steps_per_second"] = (i - start) / (time.perf_counter() - t0)
+        last["nonfinite_skips"] = guard.skipped
         if i % t.eval_every == 0 or i == t.steps:
           last.update(evaluate(state.params))
         writer.write(i, last)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
-      saved = i % t.checkpoint_every == 0 or i == t.steps
+      meta = {"nonfinite_skips": guard.skipped}
       if saved:
-        s.ckpt.save(i, state)
+        s.ckpt.save(i, state, meta)
+        saved_step = i
       if preemption.requested:
         if not saved:  # orbax refuses a second save of the same step
-          s.ckpt.save(i, state, force=True)
+          s.ckpt.save(i, state, meta, force=True)
         break
   finally:
     bar.close()
@@ -148,7 +192,7 @@ def config_main(train: Callable[[Any, str], dict], example: str) -> Callable:
       jax.distributed.initialize()
     config = config_flag.value
     if config is None:
-      raise app.UsageError(f"--config is required, e.g. --config={example}")
+      cli.fail(f"--config is required, e.g. --config={example}")
     workdir = workdir_flag.value or config.workdir
     last = train(config, workdir)
     print(f"done: {workdir} (metrics: {os.path.join(workdir, 'metrics.jsonl')}); last: {last}")

@@ -21,9 +21,12 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """cfg: learning_rate, warmup_steps, final_lr_fraction, b1, b2, eps, weight_decay, grad_clip."""
+  """cfg: learning_rate, warmup_steps, final_lr_fraction, b1, b2, eps, weight_decay, grad_clip
+  (a global-norm bound; <= 0: no clipping)."""
+  # grad_clip <= 0 turns clipping off (optax would scale every gradient to norm 0 instead).
+  clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
   return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
+      clip,
       optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                   weight_decay=cfg.weight_decay, mask=_decay_mask),
   )

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from rlhf_jax import sharding as shd
 from rlhf_jax.lm import target_weights, token_log_probs
 from rlhf_jax.model import Transformer, read_at
-from rlhf_jax.train_state import TrainState
+from rlhf_jax.train_state import TrainState, keep_if_finite
 
 
 def preference_loss(r_better: jax.Array, r_worse: jax.Array) -> jax.Array:
@@ -74,9 +74,11 @@ def pm_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Tran
                                                                    lm_weight=lm_weight)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             data_position=state.data_position + batch["tokens"].shape[0])
-  return new_state, dict(metrics, grad_norm=optax.tree.norm(grads))
+  new_state, skipped = keep_if_finite(new_state, state, metrics["loss"], grad_norm)
+  return new_state, dict(metrics, grad_norm=grad_norm, nonfinite=skipped)
 
 
 def jit_pm_train_step(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,

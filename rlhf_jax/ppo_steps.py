@@ -19,7 +19,7 @@ import optax
 from rlhf_jax import ppo
 from rlhf_jax import sharding as shd
 from rlhf_jax.model import Transformer, read_at
-from rlhf_jax.train_state import TrainState
+from rlhf_jax.train_state import TrainState, keep_if_finite
 
 
 class Models(NamedTuple):
@@ -121,14 +121,17 @@ def ppo_update(state: TrainState, rollout: dict[str, jax.Array], rng: jax.Array,
 
   def one(state, idx):
     mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rollout)
-    (_, metrics), grads = jax.value_and_grad(ppo_loss, has_aux=True)(
+    (loss, metrics), grads = jax.value_and_grad(ppo_loss, has_aux=True)(
         state.params, mb, models=models, hyper=hyper, prompt_len=prompt_len)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    return state, dict(metrics, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new, skipped = keep_if_finite(new, state, loss, grad_norm)
+    return new, dict(metrics, grad_norm=grad_norm, nonfinite=skipped)
 
   state, metrics = jax.lax.scan(one, state, order)
-  return state, jax.tree.map(jnp.mean, metrics)
+  skipped = metrics.pop("nonfinite").sum()  # minibatch updates skipped (non-finite): 0 normally
+  return state, dict(jax.tree.map(jnp.mean, metrics), nonfinite=skipped)
 
 
 def jit_ppo_steps(models: Models, hyper: PPOHyper, tx: optax.GradientTransformation, mesh,

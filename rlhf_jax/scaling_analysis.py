@@ -390,9 +390,9 @@ def analyse(run_dir: str) -> dict[str, str]:
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import app
+  from rlhf_jax import cli
   if len(argv) != 2:
-    raise app.UsageError("usage: python -m rlhf_jax.scaling_analysis RUN_DIR")
+    cli.fail("usage: python -m rlhf_jax.scaling_analysis RUN_DIR")
   paths = analyse(argv[1])
   with open(paths["table"]) as f:
     print(f.read())
@@ -401,5 +401,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-  app.run(main)
+  from rlhf_jax import cli
+  cli.run(main)

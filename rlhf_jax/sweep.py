@@ -33,12 +33,14 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from rlhf_jax import cli
 from rlhf_jax import sharding as shd
 from rlhf_jax.best_of_n import best_of_n
 from rlhf_jax.checkpointing import Checkpointer
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.lm_data import train_eval_records
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.model_config import ModelConfig, get_preset, param_counts
@@ -69,7 +71,7 @@ def override(config: ml_collections.ConfigDict, overrides, where: str) -> None:
   naming it, not a silently ignored typo."""
   for key, value in dict(overrides).items():
     if key not in config:
-      raise ValueError(f"{where}.{key}: no such setting; known: {sorted(config.keys())}")
+      raise ConfigError(f"{where}.{key}: no such setting; known: {sorted(config.keys())}")
     if isinstance(config[key], ml_collections.ConfigDict) and not isinstance(value, (str, int, float)):
       override(config[key], value, f"{where}.{key}")
     else:
@@ -79,7 +81,7 @@ def override(config: ml_collections.ConfigDict, overrides, where: str) -> None:
 def model_config(config, name: str) -> ModelConfig:
   """config.models[name]: ModelConfig fields over a preset (its own "preset" key, or base_preset)."""
   if name not in config.models:
-    raise ValueError(f"size {name!r} has no entry in config.models (known: {sorted(config.models)})")
+    raise ConfigError(f"size {name!r} has no entry in config.models (known: {sorted(config.models)})")
   spec = dict(config.models[name])
   base = get_preset(spec.pop("preset", config.base_preset))
   return ModelConfig.from_dict({**base.to_dict(), **spec})
@@ -259,14 +261,14 @@ def plan(config, workdir: str) -> list[Stage]:
   """The stages of the sweep, in the order they run."""
   from rlhf_jax import train_lm, train_pm, train_ppo
   if config.setup not in ("gold_pm", "halves"):
-    raise ValueError(f"setup={config.setup!r}: expected 'gold_pm' or 'halves'")
+    raise ConfigError(f"setup={config.setup!r}: expected 'gold_pm' or 'halves'")
   if not config.sizes:
-    raise ValueError("config.sizes is empty")
+    raise ConfigError("config.sizes is empty")
   if GOLD in config.sizes:
-    raise ValueError(f"{GOLD!r} names the gold PM's size; rename that entry of config.sizes")
+    raise ConfigError(f"{GOLD!r} names the gold PM's size; rename that entry of config.sizes")
   vocab = {name: model_config(config, name).vocab_size for name in (*config.sizes, GOLD)}  # fail now,
   if len(set(vocab.values())) > 1:  # not after hours of earlier stages
-    raise ValueError(f"every size shares one tokenizer, but vocab_size differs: {vocab}")
+    raise ConfigError(f"every size shares one tokenizer, but vocab_size differs: {vocab}")
   stages = [_tokenizer_stage(config, workdir)]
   stages += [_trainer_stage(f"lm_{n}", train_lm.train, lm_config(config, workdir, n)) for n in (*config.sizes, GOLD)]
   if config.sft.objective:
@@ -323,7 +325,7 @@ def _done(stage_dir: str, stage: Stage, workdir: str) -> Optional[dict]:
   now = _portable(stage.settings, workdir)
   if done["settings"] != now:
     diff = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in _differences(done["settings"], now).items())
-    raise ValueError(f"{path}: stage {stage.name} finished with other settings: {diff}; use another "
+    raise ConfigError(f"{path}: stage {stage.name} finished with other settings: {diff}; use another "
                      f"workdir, or delete {stage_dir} to rerun it")
   return done
 
@@ -333,7 +335,7 @@ def run_sweep(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
   stage to stop after (for partial runs)."""
   stages = plan(config, workdir)
   if stop_after and stop_after not in {s.name for s in stages}:
-    raise ValueError(f"stop_after={stop_after!r} is not a stage; stages: {[s.name for s in stages]}")
+    raise ConfigError(f"stop_after={stop_after!r} is not a stage; stages: {[s.name for s in stages]}")
   os.makedirs(workdir, exist_ok=True)
   t_start, timings = time.perf_counter(), {}
   for i, stage in enumerate(stages, 1):
@@ -410,7 +412,7 @@ def main_factory() -> Callable:
     if distributed_flag.value:
       jax.distributed.initialize()
     if config_flag.value is None:
-      raise app.UsageError("--config is required, e.g. --config=experiments/tiny_sweep.py")
+      cli.fail("--config is required, e.g. --config=experiments/tiny_sweep.py")
     workdir = workdir_flag.value or config_flag.value.workdir
     try:
       out = run_sweep(config_flag.value, workdir, stop_after=stop_flag.value)
@@ -429,4 +431,4 @@ def main_factory() -> Callable:
 
 
 if __name__ == "__main__":
-  app.run(main_factory())
+  cli.run(main_factory())

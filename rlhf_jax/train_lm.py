@@ -12,9 +12,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app
 
-from rlhf_jax import lm
+from rlhf_jax import cli, lm
 from rlhf_jax import loop
 from rlhf_jax import sharding as shd
 from rlhf_jax.lm_data import LMData, build_lm_data
@@ -73,4 +72,4 @@ def train(config, workdir: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  app.run(loop.config_main(train, "configs/lm.py:tiny"))
+  cli.run(loop.config_main(train, "configs/lm.py:tiny"))

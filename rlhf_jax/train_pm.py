@@ -14,9 +14,8 @@ import os
 from typing import Any
 
 import numpy as np
-from absl import app
 
-from rlhf_jax import loop, pm
+from rlhf_jax import cli, loop, pm
 from rlhf_jax import sharding as shd
 from rlhf_jax.lm_data import load_or_train_tokenizer, train_eval_records
 from rlhf_jax.pm_data import PMBatcher, encode_comparison, split_in_halves
@@ -72,4 +71,4 @@ def train(config, workdir: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  app.run(loop.config_main(train, "configs/pm.py:tiny"))
+  cli.run(loop.config_main(train, "configs/pm.py:tiny"))

@@ -21,9 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 
-from rlhf_jax import loop, ppo
+from rlhf_jax import cli, loop, ppo
 from rlhf_jax import sharding as shd
 from rlhf_jax.batching import Batcher, Encoded
 from rlhf_jax.calibration import load_normalisation
@@ -169,8 +168,9 @@ def train(config, workdir: str) -> dict[str, Any]:
     state, update_metrics = update(state, rollout, update_rng)  # donates the old state's buffers
     kl_coef = state.extra["kl_coef"]
     if config.kl.adaptive:
-      kl_coef = ppo.adaptive_kl_coef(kl_coef, metrics["kl"], c.rollout_batch, config.kl.target,
+      adapted = ppo.adaptive_kl_coef(kl_coef, metrics["kl"], c.rollout_batch, config.kl.target,
                                      config.kl.horizon)
+      kl_coef = jnp.where(jnp.isfinite(adapted), adapted, kl_coef)  # a NaN KL must not stick
     state = state.replace(step=state.step + 1, rng=next_rng, extra={"kl_coef": kl_coef},
                           data_position=state.data_position + c.rollout_batch)
     return state, {**metrics, **update_metrics, "loss": update_metrics["policy_loss"]}
@@ -204,4 +204,4 @@ def train(config, workdir: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  app.run(loop.config_main(train, "configs/ppo.py:tiny"))
+  cli.run(loop.config_main(train, "configs/ppo.py:tiny"))

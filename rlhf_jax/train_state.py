@@ -54,3 +54,19 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
   _, shardings = state_shardings(init_params, tx, mesh, extra)
   init = jax.jit(lambda r: nn.meta.unbox(_boxed_state(init_params, tx, r, extra)), out_shardings=shardings)
   return init(rng), shardings
+
+
+def keep_if_finite(new: TrainState, old: TrainState, loss: jax.Array,
+                   grad_norm: jax.Array) -> tuple[TrainState, jax.Array]:
+  """`new`, unless the loss, the gradient norm or the updated params are non-finite: then `old`'s
+  params and optimizer state under `new`'s step and data position (the bad batch is skipped).
+
+  Inside the jitted step, so that no non-finite value can ever reach a state that is later
+  checkpointed; the host reads the returned flag (1.0 = skipped) and decides whether to stop.
+  """
+  finite_params = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new.params)]))
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite_params
+  pick = lambda n, o: jnp.where(ok, n, o)
+  state = new.replace(params=jax.tree.map(pick, new.params, old.params),
+                      opt_state=jax.tree.map(pick, new.opt_state, old.opt_state))
+  return state, 1.0 - ok.astype(jnp.float32)

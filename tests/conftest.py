@@ -67,3 +67,20 @@ def micro_sweep_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("micro_sweep"))
   run_sweep(micro_sweep_config(), workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+  """A 3-step tiny LM and a 3-step PM started from it: the (policy_from, pm_dir) every PPO test
+  needs, trained once per session."""
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+  from configs import lm as lm_config, pm as pm_config
+  from rlhf_jax import train_lm, train_pm
+  root = tmp_path_factory.mktemp("tiny_runs")
+  lm, pm = str(root / "lm"), str(root / "pm")
+  train_lm.train(small_run_config(lm_config.get_config("tiny"), 3, max_examples=120), lm)
+  config = small_run_config(pm_config.get_config("tiny"), 3, max_examples=120)
+  config.init_from = lm
+  train_pm.train(config, pm)
+  return lm, pm
