@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax.errors import CheckpointError
@@ -111,7 +112,11 @@ class Checkpointer:
     target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
     while os.path.exists(target):
       target += "_"
-    os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_index() == 0:  # every host saw the same failure; one moves the directory
+      os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     self._manager.reload()  # forget the moved step
     return target
 

@@ -32,6 +32,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a setting that does not exist
+    detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "").replace("'", "").strip('"').split())
+    fail(f"no such setting: {detail}")
 
 
 def reporting_user_errors(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None]:

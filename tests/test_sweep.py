@@ -183,3 +183,13 @@ def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_
   for g, w in zip(got, want):
     for key in ("kl", "proxy_reward", "gold_reward"):
       np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-6, err_msg=f"{g['size']} {g['method']} {key}")
+
+
+def test_every_stage_records_the_directory_it_ran_in(micro_sweep_dir):
+  """Provenance: a stage's config.json names its own directory, not the base config's default
+  workdir (runs/ppo_tiny and the like)."""
+  trainer_stages = [d for d in os.listdir(micro_sweep_dir) if d.split("_")[0] in ("lm", "sft", "pm", "ppo")]
+  assert len(trainer_stages) >= 5
+  for stage in trainer_stages:
+    with open(os.path.join(micro_sweep_dir, stage, "config.json")) as f:
+      assert json.load(f)["workdir"] == os.path.abspath(os.path.join(micro_sweep_dir, stage)), stage

@@ -1,0 +1,74 @@
+"""Entry points as a user meets them: a mistake is one line on stderr and exit status 2; a bug
+keeps its traceback."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_jax import cli
+from rlhf_jax.errors import ConfigError
+from test_faults import ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                        timeout=300)
+
+
+def _one_error_line(out) -> str:
+  assert out.returncode == cli.USAGE_ERROR, (out.returncode, out.stderr[-3000:])
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, out.stderr[-3000:]
+  return errors[0]
+
+
+def test_user_error_exits_2_with_one_line_and_a_bug_keeps_its_traceback(capsys):
+  def mistake(argv):
+    raise ConfigError("train.steps=-3: must be positive")
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.reporting_user_errors(mistake)([])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == "error: train.steps=-3: must be positive\n"
+
+  def bug(argv):
+    raise KeyError("internal")
+
+  with pytest.raises(KeyError):  # not swallowed into a one-liner
+    cli.reporting_user_errors(bug)([])
+
+
+@pytest.mark.parametrize("module, config, typo", [
+    ("rlhf_jax.train_lm", "configs/lm.py:tiny", "train.stepz"),
+    ("rlhf_jax.sweep", "experiments/tiny_sweep.py", "labels.num_pairz")])
+def test_unknown_config_key(module, config, typo, tmp_path):
+  line = _one_error_line(_run(module, f"--config={config}", f"--workdir={tmp_path}", f"--config.{typo}=3"))
+  assert typo.split(".")[-1] in line
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_config_flag(tmp_path):
+  line = _one_error_line(_run("rlhf_jax.train_pm", f"--workdir={tmp_path}"))
+  assert "--config is required" in line
+
+
+def test_sweep_override_naming_no_setting(tmp_path):
+  line = _one_error_line(_run("rlhf_jax.sweep", "--config=experiments/tiny_sweep.py", f"--workdir={tmp_path}",
+                              "--config.setup=halfs"))
+  assert "setup='halfs'" in line
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path):
+  path = tmp_path / "comparisons.jsonl.gz"
+  good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+  with gzip.open(path, "wt") as f:
+    f.write(json.dumps(good) + "\n" + json.dumps({"chosen": good["chosen"]}) + "\n")
+  line = _one_error_line(_run("rlhf_jax.train_pm", "--config=configs/pm.py:tiny", f"--workdir={tmp_path / 'run'}",
+                              f"--config.data.path={path}", "--config.progress_bar=False"))
+  assert str(path) in line and "line 2" in line and "rejected" in line
