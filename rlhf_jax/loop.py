@@ -26,7 +26,7 @@ from rlhf_jax.metrics import MetricsWriter, progress
 from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.model_config import ModelConfig
 from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.train_state import TrainState, create_train_state, state_shardings
+from rlhf_jax.train_state import TrainState, create_train_state, is_finite, state_shardings
 
 
 class Preemption:
@@ -157,6 +157,10 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
         writer.write(i, last)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
       meta = {"nonfinite_skips": guard.skipped}
+      if (saved or preemption.requested) and not bool(is_finite(state)):
+        raise NonFiniteError(f"step {i}: the state holds non-finite values although every loss and "
+                             f"gradient norm was finite (an overflowing update?); not checkpointed "
+                             f"(last checkpoint: step {saved_step} in {s.ckpt.directory})")
       if saved:
         s.ckpt.save(i, state, meta)
         saved_step = i

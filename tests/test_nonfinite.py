@@ -23,7 +23,7 @@ from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.model_config import PRESETS
 from rlhf_jax.optimizer import make_optimizer
 from rlhf_jax.ppo_steps import Models, PPOHyper, ppo_update
-from rlhf_jax.train_state import TrainState, create_train_state, keep_if_finite
+from rlhf_jax.train_state import TrainState, create_train_state, is_finite, keep_if_finite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -45,7 +45,6 @@ def _state(w, count):
     (1.0, 2.0, [5.0, 6.0], False),
     (np.nan, 2.0, [5.0, 6.0], True),
     (1.0, np.inf, [5.0, 6.0], True),
-    (1.0, 2.0, [5.0, np.inf], True),  # finite loss and gradient, but the update overflowed
 ])
 def test_keep_if_finite_keeps_the_old_params_and_moves_on(loss, grad_norm, new_w, skipped):
   old = _state([1.0, 2.0], count=7)
@@ -56,6 +55,13 @@ def test_keep_if_finite_keeps_the_old_params_and_moves_on(loss, grad_norm, new_w
                (expected.params, expected.opt_state))
   assert int(state.step) == 4 and int(state.data_position) == 32  # the bad batch is consumed
   assert float(flag) == float(skipped)
+
+
+def test_is_finite_looks_at_every_float_leaf():
+  state = _state([1.0, 2.0], count=7)
+  assert bool(is_finite(state))
+  assert not bool(is_finite(state.replace(opt_state=(jnp.int32(7), {"w": jnp.asarray([0.0, np.inf])}))))
+  assert not bool(is_finite(state.replace(params={"w": jnp.asarray([np.nan, 1.0])})))
 
 
 def test_guard_counts_skips_and_names_the_step_and_metric():
@@ -126,6 +132,23 @@ def test_lm_skips_up_to_max_nonfinite_skips_and_counts_them(tmp_path):
   with pytest.raises(NonFiniteError, match=r"step 7: non-finite (loss|grad_norm)=nan"):
     train_lm.train(config, str(tmp_path))  # resumes at 6 with the 5 skips counted so far
   assert sorted(_saved_states(str(tmp_path))) == [3, 6]
+
+
+def test_a_state_that_overflowed_with_finite_losses_is_never_checkpointed(tmp_path):
+  """The last line of defence: the pre-save check of the whole state."""
+  config = small_run_config(lm_config.get_config("tiny"), 4, max_examples=120)
+  config.train.checkpoint_every = 2
+  s = loop.setup(config, str(tmp_path))
+  state = loop.initial_state(config, s)
+
+  def step(state, position):
+    overflowed = jax.tree.map(lambda p: p * jnp.inf if state.step >= 2 else p, state.params)
+    return (state.replace(step=state.step + 1, params=overflowed),
+            {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0), "nonfinite": jnp.float32(0.0)})
+
+  with pytest.raises(NonFiniteError, match=r"step 4: the state holds non-finite values.*step 2"):
+    loop.run_steps(config, str(tmp_path), s, state, step=step, evaluate=lambda p: {}, desc="test")
+  assert sorted(_saved_states(str(tmp_path))) == [2]
 
 
 def test_ppo_update_skips_non_finite_minibatches():
