@@ -59,6 +59,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "source_dir": "",  # "" = $RLHF_JAX_HH_RLHF_DIR, ../shared, bundled sample, else download
       "tfds_dir": "",  # where the prepared dataset is written; "" = <workdir>/tfds
       "skip_malformed": False,
+      # Comparisons whose chosen and rejected texts are identical: no preference to learn, and
+      # always wrong in accuracy; left out (and counted) unless kept.
+      "keep_ties": False,
       "max_examples": 0,  # 0 = all
       "seed": 0,
   })

@@ -71,6 +71,8 @@ class Batcher:
   """
 
   def __init__(self, examples: Sequence, *, batch_size: int, seq_len: int, seed: int, pad_id: int):
+    if not len(examples):  # else the first batch_at fails far from here, dividing by zero
+      raise ValueError(f"{type(self).__name__}: no examples to batch")
     self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
     self.examples = [self._fit(ex) for ex in examples]
     self._perms: dict[int, np.ndarray] = {}

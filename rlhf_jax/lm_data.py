@@ -24,19 +24,28 @@ class LMData(NamedTuple):
   skipped: int  # malformed records skipped (only with data.skip_malformed)
 
 
+def _keep_ties(config) -> bool:
+  return config.data.get("keep_ties", False)  # absent from the configs of runs made before it existed
+
+
 def _records(config, split: str, workdir: str) -> tuple[list[dict], int]:
   d = config.data
   loaded = load_split(d.subset, split, data_dir=d.get("tfds_dir") or os.path.join(workdir, "tfds"),
-                      source_dir=d.source_dir or None, skip_malformed=d.skip_malformed)
+                      source_dir=d.source_dir or None, skip_malformed=d.skip_malformed,
+                      keep_ties=_keep_ties(config))
   if loaded.skipped:
     print(f"hh-rlhf {d.subset}/{split}: skipped {sum(loaded.skipped.values())} malformed records "
           f"{loaded.skipped}")
+  if loaded.ties:
+    print(f"hh-rlhf {d.subset}/{split}: {loaded.ties} ties (chosen == rejected) "
+          f"{'kept' if _keep_ties(config) else 'left out'}")
   return loaded.records, sum(loaded.skipped.values())
 
 
 def _file_records(config) -> tuple[list[dict], int]:
-  loaded, report = read_comparisons(config.data.path, skip_malformed=config.data.skip_malformed)
-  if report.num_skipped:
+  loaded, report = read_comparisons(config.data.path, skip_malformed=config.data.skip_malformed,
+                                    keep_ties=_keep_ties(config))
+  if report.num_skipped or report.ties:
     print(report.summary())
   return loaded, report.num_skipped
 

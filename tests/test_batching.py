@@ -264,3 +264,9 @@ def test_in_order_covers_every_example_once():
   # Real rows of the eval batches are those examples, fitted and padded.
   expected = pad_batch([fit_to_length(e, SEQ) for e in examples[B:2 * B]], SEQ, 0)
   _assert_batches_equal({k: batches[1][k] for k in expected}, expected)
+
+
+def test_batcher_without_examples_fails_at_once():
+  # Not at the first batch_at, as a ZeroDivisionError from the epoch arithmetic.
+  with pytest.raises(ValueError, match="Batcher: no examples to batch"):
+    Batcher([], batch_size=B, seq_len=SEQ, seed=0, pad_id=0)

@@ -1,8 +1,14 @@
-"""Where hh-rlhf lives upstream, and where a copy is found on this machine."""
+"""Where hh-rlhf lives upstream, where a copy is found on this machine, and whether a local copy
+is the file upstream published (sizes and SHA-256 in checksums.tsv)."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
-from typing import Optional
+import warnings
+from typing import NamedTuple, Optional
+
+from rlhf_jax.errors import DataError
 
 # Anthropic's repository stores the files with Git LFS; GitHub's /raw/ URL redirects to the
 # LFS object. The Hugging Face mirror holds the same files.
@@ -40,3 +46,66 @@ def local_source_dir(subset: str = "harmless-base", split: str = "test") -> Opti
     if root and os.path.exists(os.path.join(root, relative)):
       return os.path.normpath(root)
   return None
+
+
+# --- checksums ------------------------------------------------------------------------------------
+
+_CHECKSUMS = os.path.join(_PACKAGE_DIR, "checksums.tsv")  # TFDS's format: url, size, sha256, filename
+_SAMPLE_CHECKSUMS = os.path.join(SAMPLE_DIR, "checksums.tsv")  # path, size, sha256
+
+
+class Checksum(NamedTuple):
+  size: int
+  sha256: str
+
+
+class UnverifiedFileWarning(UserWarning):
+  """A local hh-rlhf file whose checksum is not known (not listed in checksums.tsv)."""
+
+
+def _rows(path: str) -> list[list[str]]:
+  with open(path, encoding="utf-8") as f:
+    return [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
+
+
+@functools.cache
+def _tables() -> tuple[dict[str, Checksum], dict[str, Checksum]]:
+  """({relative path: checksum} of the upstream files, the same for the bundled sample)."""
+  prefix = UPSTREAM + "/"
+  upstream = {u[len(prefix):]: Checksum(int(size), sha) for u, size, sha, *_ in _rows(_CHECKSUMS)
+              if u.startswith(prefix)}
+  sample = {rel: Checksum(int(size), sha) for rel, size, sha in _rows(_SAMPLE_CHECKSUMS)}
+  return upstream, sample
+
+
+def known_checksum(relative_path: str, *, sample: bool = False) -> Optional[Checksum]:
+  """The size and SHA-256 of upstream's file (or of the bundled sample's, a 400-record prefix whose
+  checksum is its own); None where not known."""
+  return _tables()[1 if sample else 0].get(relative_path)
+
+
+def _is_sample(path: str, relative_path: str) -> bool:
+  return os.path.realpath(path) == os.path.realpath(os.path.join(SAMPLE_DIR, relative_path))
+
+
+def checksum_of(path: str) -> Checksum:
+  with open(path, "rb") as f:
+    return Checksum(os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest())
+
+
+def verify_file(path: str, relative_path: str) -> None:
+  """Raises DataError if path, a local copy of hh-rlhf's relative_path, is not the file whose
+  checksum is known; an unknown checksum is accepted, with a warning naming the file."""
+  path = os.fspath(path)
+  sample = _is_sample(path, relative_path)
+  expected = known_checksum(relative_path, sample=sample)
+  if expected is None:
+    warnings.warn(f"{path}: no known checksum for hh-rlhf {relative_path}; using it unverified",
+                  UnverifiedFileWarning, stacklevel=2)
+    return
+  actual = checksum_of(path)
+  if actual != expected:
+    known = "the bundled sample's" if sample else "upstream's"
+    raise DataError(f"{path}: not {known} hh-rlhf {relative_path} (a partial or edited copy?): "
+                    f"expected sha256 {expected.sha256} ({expected.size} bytes), got sha256 "
+                    f"{actual.sha256} ({actual.size} bytes)")
