@@ -6,6 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import numerics
+
 from rlhf_jax import lm
 from rlhf_jax import sharding as shd
 from rlhf_jax.model import Transformer, init_params
@@ -26,15 +28,17 @@ def _batch(seed, cfg, batch=8, seq=16):
 
 
 def _train(cfg, mesh, steps=2):
+  """(initial params, final state, losses, params after each step as host arrays)."""
   tx = make_optimizer(OPT, total_steps=10)
   state, shardings = create_train_state(lambda r: init_params(cfg, r), tx, mesh, jax.random.PRNGKey(0))
   initial = jax.tree.map(np.asarray, state.params)
   step = lm.jit_lm_train_step(Transformer(cfg), tx, mesh, shardings)
-  losses = []
+  losses, after = [], []
   for i in range(steps):
     state, metrics = step(state, shd.shard_batch(_batch(i, cfg), mesh))
     losses.append(float(metrics["loss"]))
-  return initial, state, losses
+    after.append(jax.tree.map(np.asarray, state.params))
+  return initial, state, losses, after
 
 
 def _grads(cfg, params, mesh, shardings):
@@ -48,22 +52,25 @@ def test_sharded_train_step_equals_single_device(scan_layers):
   cfg = dataclasses.replace(PRESETS["tiny"], scan_layers=scan_layers)
   single = shd.make_mesh((1, 1, 1), jax.devices()[:1])
   sharded = shd.make_mesh((2, 2, 2), jax.devices()[:8])
-  init_1, state_1, losses_1 = _train(cfg, single)
-  init_8, state_8, losses_8 = _train(cfg, sharded)
+  init_1, state_1, losses_1, after_1 = _train(cfg, single)
+  init_8, state_8, losses_8, after_8 = _train(cfg, sharded)
 
   jax.tree.map(np.testing.assert_array_equal, init_1, init_8)  # same init on any mesh
-  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
-  moved = max(float(np.abs(np.asarray(b) - a).max()) for a, b in
-              zip(jax.tree.leaves(init_1), jax.tree.leaves(state_1.params)))
+  np.testing.assert_allclose(losses_8[0], losses_1[0], rtol=1e-5)  # identical params: reassociation only
+  moved = max(float(np.abs(b - a).max()) for a, b in zip(jax.tree.leaves(init_1), jax.tree.leaves(after_1[-1])))
   assert moved > 1e-3  # the comparison below is about a real update, not two copies of init
-  # Adam divides by sqrt(v): for the odd weight whose gradient is ~0, float reassociation across
-  # shards flips part of a step. So: every weight within a fraction of one step (lr = 1e-3), and
-  # on average far closer. A sharding bug (e.g. a missing gradient all-reduce) moves most
-  # weights by a whole step. Gradients are compared tightly in the next test.
-  diffs = [np.abs(np.asarray(a) - np.asarray(b)) for a, b in
-           zip(jax.tree.leaves(state_1.params), jax.tree.leaves(state_8.params))]
-  assert max(float(d.max()) for d in diffs) < 2e-4
-  assert float(np.mean(np.concatenate([d.ravel() for d in diffs]))) < 1e-6
+  # After an Adam update the runs may part by what Adam allows for near-zero gradients (see
+  # tests/numerics.py); a sharding bug (e.g. a missing gradient all-reduce) moves most weights by
+  # a whole step. Gradients are compared tightly in the next test.
+  largest = max(float(np.abs(x).max()) for x in jax.tree.leaves(init_1))
+  for t in range(len(after_1)):
+    numerics.assert_adam_runs_close(after_1[t], after_8[t], [OPT.learning_rate] * (t + 1), OPT.b1, OPT.b2,
+                                    weight_decay=OPT.weight_decay, max_abs_param=largest + 1.0)
+  model, batch = Transformer(cfg), _batch(1, cfg)
+  values, tol = numerics.first_order_tolerance(lambda p: lm.lm_loss(p, model, batch)[0][None], after_1[0],
+                                               after_8[0])
+  np.testing.assert_allclose(values[0], losses_1[1], rtol=1e-5)
+  assert abs(losses_8[1] - losses_1[1]) <= tol[0], (losses_8[1], losses_1[1], tol[0])
 
   # Parameters really are split: an MLP kernel is (embed -> fsdp, mlp -> tensor).
   w = state_8.params["layers" if scan_layers else "layer_0"]["mlp"]["w_gate"]
@@ -84,7 +91,10 @@ def test_sharded_gradients_equal_single_device():
     state, shardings = create_train_state(lambda r: init_params(cfg, r), tx, mesh, jax.random.PRNGKey(0))
     results.append(_grads(cfg, state.params, mesh, shardings.params))
   for other in results[1:]:
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7), results[0], other)
+    # Entries that nearly cancel (summed over tokens) keep an absolute error of float32 epsilon
+    # times the summands' magnitude: a floor relative to the leaf's largest entry.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max()),
+                 results[0], other)
 
 
 def test_make_mesh_fills_and_validates():
