@@ -120,6 +120,17 @@ class NonFiniteGuard:
                       step, ", ".join(bad), self.skipped, self.max_skips)
 
 
+def _save_finite(ckpt: Checkpointer, step: int, state: TrainState, meta: dict, last_saved: Optional[int],
+                 force: bool) -> None:
+  """Saves unless the state holds a non-finite value: the in-step guard looks at the loss and
+  gradient norm only, this looks at everything that would be written."""
+  if not bool(is_finite(state)):
+    raise NonFiniteError(f"step {step}: the state holds non-finite values although every loss and "
+                         f"gradient norm was finite (an overflowing update?); not checkpointed "
+                         f"(last checkpoint: step {last_saved} in {ckpt.directory})")
+  ckpt.save(step, state, meta, force=force)
+
+
 def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
               step: Callable[[TrainState, int], tuple[TrainState, dict]],
               evaluate: Callable[[Any], dict], desc: str,
@@ -146,7 +157,8 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
       guard.add(i, metrics)
       bar.update(1)
       saved = i % t.checkpoint_every == 0 or i == t.steps
-      if i % t.log_every == 0 or saved or preemption.requested:
+      stopping = preemption.requested  # polled once a step: a signal now is acted on at its end
+      if i % t.log_every == 0 or saved or stopping:
         guard.check(saved_step, s.ckpt.directory)  # raises before anything bad is logged as good
       if i % t.log_every == 0 or i == t.steps:
         last = {k: float(v) for k, v in metrics.items()}  # the only host sync in the loop
@@ -156,17 +168,10 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
           last.update(evaluate(state.params))
         writer.write(i, last)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
-      meta = {"nonfinite_skips": guard.skipped}
-      if (saved or preemption.requested) and not bool(is_finite(state)):
-        raise NonFiniteError(f"step {i}: the state holds non-finite values although every loss and "
-                             f"gradient norm was finite (an overflowing update?); not checkpointed "
-                             f"(last checkpoint: step {saved_step} in {s.ckpt.directory})")
-      if saved:
-        s.ckpt.save(i, state, meta)
+      if saved or stopping:  # orbax refuses a second save of the same step, hence force
+        _save_finite(s.ckpt, i, state, {"nonfinite_skips": guard.skipped}, saved_step, force=not saved)
         saved_step = i
-      if preemption.requested:
-        if not saved:  # orbax refuses a second save of the same step
-          s.ckpt.save(i, state, meta, force=True)
+      if stopping:
         break
   finally:
     bar.close()

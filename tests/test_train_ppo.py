@@ -7,30 +7,17 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import loop, train_lm, train_pm, train_ppo
-from conftest import small_run_config
+from rlhf_jax import loop, train_ppo
 from rlhf_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import lm as lm_config  # noqa: E402
-from configs import pm as pm_config  # noqa: E402
 from configs import ppo as ppo_config  # noqa: E402
 
 
-def _small(config, steps):
-  return small_run_config(config, steps, max_examples=120)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("runs")
-  lm, pm = str(root / "lm"), str(root / "pm")
-  train_lm.train(_small(lm_config.get_config("tiny"), 3), lm)
-  config = _small(pm_config.get_config("tiny"), 3)
-  config.init_from = lm
-  train_pm.train(config, pm)
-  return lm, pm
+def runs(tiny_runs):
+  return tiny_runs  # (policy_from, pm_dir): conftest trains them once per session
 
 
 def _ppo_config(runs, steps):
