@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rlhf_jax.batching import Batcher, Encoded, encode_dialogue, pack
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.hh_rlhf.load import load_split
 from rlhf_jax.hh_rlhf.records import read_comparisons
 from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
@@ -85,7 +86,7 @@ def load_or_train_tokenizer(config, texts: list[str], workdir: str) -> Tokenizer
   if os.path.abspath(tok.path) != os.path.abspath(own):
     shutil.copyfile(tok.path, own)  # every run directory is self-contained: later stages inherit it
   if tok.vocab_size != config.model.vocab_size:
-    raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size is "
+    raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size is "
                      f"{config.model.vocab_size}")
   return tok
 

@@ -13,13 +13,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhf_jax import cli, lm
+from rlhf_jax import cli, config_checks, lm
 from rlhf_jax import loop
 from rlhf_jax import sharding as shd
 from rlhf_jax.lm_data import LMData, build_lm_data
-
-OBJECTIVES = ("pretrain", "sft", "distill")
-
 
 def _distill_batch(batch: dict[str, np.ndarray], prefix: np.ndarray) -> dict[str, np.ndarray]:
   rows = batch["tokens"].shape[0]
@@ -42,10 +39,12 @@ def evaluate(eval_step, params, data: LMData, mesh) -> dict[str, float]:
 
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming if a checkpoint exists); returns the last metrics."""
-  if config.objective not in OBJECTIVES:
-    raise ValueError(f"objective={config.objective!r}: expected one of {OBJECTIVES}")
+  config_checks.validate(config, "lm")
+  config = config_checks.inherit_model_config(config)
   os.makedirs(workdir, exist_ok=True)
   data = build_lm_data(config, workdir)
+  config_checks.check_batch_fits(len(data.train), config.train.batch_size, "train.batch_size",
+                                 "training examples" + (" (packed rows)" if config.objective == "pretrain" else ""))
   s = loop.setup(config, workdir)
   fresh = None if s.ckpt.latest_step() is not None else loop.initial_state(config, s)
   teacher = None

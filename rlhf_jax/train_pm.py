@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax import cli, loop, pm
+from rlhf_jax import cli, config_checks, loop, pm
 from rlhf_jax import sharding as shd
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.lm_data import load_or_train_tokenizer, train_eval_records
 from rlhf_jax.pm_data import PMBatcher, encode_comparison, split_in_halves
 from rlhf_jax.pm_evaluation import evaluate_pm, score_all
@@ -36,6 +37,8 @@ def _stage(config, workdir: str) -> dict[str, Any]:
   t = config.train
   make = lambda recs: PMBatcher([encode_comparison(tok, r) for r in recs], batch_size=t.batch_size,
                                 seq_len=t.seq_len, seed=t.seed, pad_id=tok.pad_id)
+  config_checks.check_batch_fits(len(train_recs), t.batch_size, "train.batch_size",
+                                 f"training comparisons of {config.data.get('path') or config.data.subset}")
   train_data, eval_data = make(train_recs), make(eval_recs)
   s = loop.setup(config, workdir)
   state = loop.resume_or(s, lambda: loop.initial_state(config, s))
@@ -54,6 +57,10 @@ def _stage(config, workdir: str) -> dict[str, Any]:
 
 
 def train(config, workdir: str) -> dict[str, Any]:
+  config_checks.validate(config, "pm")
+  if config.pmp.path and config.pmp.steps <= 0:
+    raise ConfigError(f"pmp.steps={config.pmp.steps}: must be positive when pmp.path is set")
+  config = config_checks.inherit_model_config(config)
   if config.pmp.path:
     pmp = config.copy_and_resolve_references()
     with pmp.unlocked():

@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import cli, loop, ppo
+from rlhf_jax import cli, config_checks, loop, ppo
 from rlhf_jax import sharding as shd
 from rlhf_jax.batching import Batcher, Encoded
 from rlhf_jax.calibration import load_normalisation
 from rlhf_jax.checkpointing import Checkpointer
 from rlhf_jax.dialogue import human_turns_prompt
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.hh_rlhf.records import read_prompts
 from rlhf_jax.lm_data import train_eval_records
 from rlhf_jax.model import Transformer, init_params
@@ -75,7 +76,7 @@ def same_tokenizer(*run_dirs: str) -> Tokenizer:
   paths = [os.path.join(d, MODEL_FILE) for d in run_dirs]
   for p in paths[1:]:
     if not filecmp.cmp(paths[0], p, shallow=False):
-      raise ValueError(f"{p} differs from {paths[0]}: the policy and PMs must share one tokenizer")
+      raise ConfigError(f"{p} differs from {paths[0]}: the policy and PMs must share one tokenizer")
   return Tokenizer(paths[0])
 
 
@@ -111,20 +112,18 @@ def _hyper(c) -> PPOHyper:
 
 
 def train(config, workdir: str) -> dict[str, Any]:
+  config_checks.validate(config, "ppo")
   os.makedirs(workdir, exist_ok=True)
   mesh = shd.make_mesh(config.mesh.shape)
   c = config.ppo
-  if c.rollout_batch % c.num_minibatches:
-    raise ValueError(f"ppo.rollout_batch={c.rollout_batch} must be divisible by ppo.num_minibatches")
   policy0 = FrozenModel(config.policy_from, mesh)
   pm = FrozenModel(config.pm_dir, mesh, with_normalisation=True)
   eval_pms = {"pm": pm} | {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True)
                            for d in config.eval.pm_dirs}
   tok = same_tokenizer(config.policy_from, config.pm_dir, *config.eval.pm_dirs)
   train_prompts, eval_prompts = prompt_batchers(config, tok, workdir)
+  config_checks.check_batch_fits(len(train_prompts), c.rollout_batch, "ppo.rollout_batch", "training prompts")
   shared = config.value_from == "shared"
-  if config.value_from not in ("pm", "shared"):
-    raise ValueError(f"value_from={config.value_from!r}: expected 'pm' or 'shared'")
   models = Models(policy0.model, policy0.model if shared else pm.model, pm.model)
 
   def init_fn(rng):

@@ -1,0 +1,131 @@
+"""A run's config checked before anything is built: impossible values, the model a run inherits
+from the run it starts from, the runs PPO reads, and batches larger than the data.
+
+Every failure is a ConfigError naming the setting (`train.steps=-3: ...`), reported by the entry
+points as one line with exit status 2, instead of a failure deep inside orbax or a batcher.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import ml_collections
+
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.model_config import ModelConfig, get_preset
+
+TRAIN_COUNTS = ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+PPO_COUNTS = ("rollout_batch", "num_minibatches", "epochs", "prompt_len", "max_new_tokens")
+OBJECTIVES = ("pretrain", "sft", "distill")
+
+
+def _positive(section, key: str, where: str) -> None:
+  value = section[key]
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ConfigError(f"{where}.{key}={value!r}: must be a positive integer")
+
+
+def run_model(run_dir: str, field: str) -> dict:
+  """The `model` section of a finished run's config.json; `field` names the setting that points
+  there, for the error."""
+  if not run_dir:
+    raise ConfigError(f"{field} is not set: it must name a finished run directory")
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{field}={run_dir}: no config.json there (not a run directory)")
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ckpt_dir) or not any(p.isdigit() for p in os.listdir(ckpt_dir)):
+    raise ConfigError(f"{field}={run_dir}: no checkpoint in {ckpt_dir} (the run never saved one)")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)["model"]
+
+
+def _model(model: dict, where: str) -> ModelConfig:
+  try:
+    return ModelConfig.from_dict(model)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_common(config, kind: str) -> None:
+  t = config.train
+  for key in TRAIN_COUNTS + (("seq_len",) if kind != "ppo" else ()):
+    _positive(t, key, "train")
+  if t.get("max_nonfinite_skips", 0) < 0:
+    raise ConfigError(f"train.max_nonfinite_skips={t.max_nonfinite_skips}: must be >= 0")
+  lr = config.optimizer.learning_rate
+  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    raise ConfigError(f"optimizer.learning_rate={lr!r}: must be a positive finite number")
+  d = config.data
+  split_by_fraction = not d.get("eval_split") or (kind == "ppo" and d.get("prompts_path"))
+  if split_by_fraction and not 0 < d.eval_fraction < 1:
+    raise ConfigError(f"data.eval_fraction={d.eval_fraction!r}: must lie strictly between 0 and 1 "
+                      f"(the held-out share of the data)")
+
+
+def validate(config, kind: str) -> None:
+  """kind: "lm", "pm" or "ppo" (which trainer runs the config)."""
+  if kind not in ("lm", "pm", "ppo"):
+    raise ValueError(f"kind={kind!r}")
+  _check_common(config, kind)
+  if kind == "lm" and config.objective not in OBJECTIVES:
+    raise ConfigError(f"objective={config.objective!r}: expected one of {OBJECTIVES}")
+  if kind != "ppo":
+    cfg = _model(config.model.to_dict(), "model")
+    if config.train.seq_len > cfg.max_seq_len:
+      raise ConfigError(f"train.seq_len={config.train.seq_len} is beyond model.max_seq_len={cfg.max_seq_len}")
+    if config.get("init_from"):
+      run_model(config.init_from, "init_from")
+    return
+  c = config.ppo
+  for key in PPO_COUNTS:
+    _positive(c, key, "ppo")
+  if c.rollout_batch % c.num_minibatches:
+    raise ConfigError(f"ppo.rollout_batch={c.rollout_batch} must be divisible by "
+                      f"ppo.num_minibatches={c.num_minibatches}")
+  if config.value_from not in ("pm", "shared"):
+    raise ConfigError(f"value_from={config.value_from!r}: expected 'pm' or 'shared'")
+  _check_ppo_runs(config)
+
+
+def _check_ppo_runs(config) -> None:
+  runs = {"policy_from": config.policy_from, "pm_dir": config.pm_dir}
+  runs |= {f"eval.pm_dirs[{i}]": d for i, d in enumerate(config.eval.pm_dirs)}
+  models = {field: _model(run_model(d, field), f"{field}={d}") for field, d in runs.items()}
+  vocab = {f"{field}={runs[field]}": m.vocab_size for field, m in models.items()}
+  if len(set(vocab.values())) > 1:
+    raise ConfigError(f"the policy and the PMs must share one vocabulary; vocab_size: {vocab}")
+  # Sequences are [prompt | response | end-of-context] for the PMs, [prompt | response] for the policy.
+  length = config.ppo.prompt_len + config.ppo.max_new_tokens + 1
+  for field, m in models.items():
+    if length > m.max_seq_len:
+      raise ConfigError(f"ppo.prompt_len + ppo.max_new_tokens + 1 = {length} is beyond the "
+                        f"max_seq_len={m.max_seq_len} of {field}={runs[field]}")
+
+
+def inherit_model_config(config) -> ml_collections.ConfigDict:
+  """config with the model of the run in config.init_from (a run starting from another's weights
+  has that run's shape). A model field set explicitly (different from the preset's default) that
+  contradicts the inherited one is an error naming it."""
+  if not config.get("init_from"):
+    return config
+  inherited = run_model(config.init_from, "init_from")
+  mine = config.model.to_dict()
+  defaults = get_preset(config.preset).to_dict() if config.get("preset") else {}
+  conflicts = {k: (v, inherited.get(k)) for k, v in mine.items()
+               if k in defaults and v != defaults[k] and v != inherited.get(k)}
+  if conflicts:
+    detail = ", ".join(f"model.{k}={a!r} but {b!r} there" for k, (a, b) in sorted(conflicts.items()))
+    raise ConfigError(f"init_from={config.init_from} has another model shape: {detail}; drop the "
+                      f"override or start from a run of that shape")
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    out.model = ml_collections.ConfigDict({**mine, **inherited})
+  return out
+
+
+def check_batch_fits(num_examples: int, batch_size: int, field: str, what: str) -> None:
+  """A batch must not be larger than the data it is drawn from (it would repeat examples)."""
+  if batch_size > num_examples:
+    raise ConfigError(f"{field}={batch_size} is larger than the {num_examples} {what}")
