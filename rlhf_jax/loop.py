@@ -109,7 +109,8 @@ class NonFiniteGuard:
         continue
       self.skipped += 1
       values = {k: float(v) for k, v in m.items() if k != "nonfinite"}
-      bad = [f"{k}={v}" for k, v in values.items() if not np.isfinite(v)] or ["params after the update"]
+      # Every metric finite: a PPO iteration whose averages hide one bad minibatch update.
+      bad = [f"{k}={v}" for k, v in values.items() if not np.isfinite(v)] or ["minibatch loss or gradient"]
       if self.skipped > self.max_skips:
         raise NonFiniteError(
             f"step {step}: non-finite {', '.join(bad)}; stopped without checkpointing it (last "
@@ -157,10 +158,8 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
       guard.add(i, metrics)
       bar.update(1)
       saved = i % t.checkpoint_every == 0 or i == t.steps
-      stopping = preemption.requested  # polled once a step: a signal now is acted on at its end
-      if i % t.log_every == 0 or saved or stopping:
-        guard.check(saved_step, s.ckpt.directory)  # raises before anything bad is logged as good
       if i % t.log_every == 0 or i == t.steps:
+        guard.check(saved_step, s.ckpt.directory)  # raises before anything bad is logged as good
         last = {k: float(v) for k, v in metrics.items()}  # the only host sync in the loop
         last["steps_per_second"] = (i - start) / (time.perf_counter() - t0)
         last["nonfinite_skips"] = guard.skipped
@@ -168,7 +167,9 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
           last.update(evaluate(state.params))
         writer.write(i, last)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
+      stopping = preemption.requested  # polled once a step, after the (possibly long) evaluation
       if saved or stopping:  # orbax refuses a second save of the same step, hence force
+        guard.check(saved_step, s.ckpt.directory)
         _save_finite(s.ckpt, i, state, {"nonfinite_skips": guard.skipped}, saved_step, force=not saved)
         saved_step = i
       if stopping:
