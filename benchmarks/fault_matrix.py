@@ -182,10 +182,12 @@ def non_finite(out, runs, table):
               first_error(proc))
 
 
-def bad_inputs(out, table):
+def bad_inputs(out, runs, table):
+  """A PM started from the reference LM (its tokenizer too) on a user's comparison file."""
   def pm_on(path, *extra):
     return run([sys.executable, "-m", "rlhf_jax.train_pm", "--config=configs/pm.py:tiny",
-                f"--workdir={os.path.join(out, 'data_' + os.path.basename(path))}", f"--config.data.path={path}",
+                f"--workdir={tempfile.mkdtemp(dir=out)}", f"--config.data.path={path}",
+                f"--config.init_from={runs['lm']}",
                 "--config.progress_bar=False", "--config.mesh.shape=(1,1,1)", "--config.train.steps=2",
                 "--config.train.batch_size=4", "--config.train.seq_len=64", *extra])
 
@@ -246,7 +248,7 @@ def main():
   interruptions(args.out, runs, refs, args.kills, table, rng)
   checkpoint_damage(args.out, runs, refs, table)
   non_finite(args.out, runs, table)
-  bad_inputs(args.out, table)
+  bad_inputs(args.out, runs, table)
   print(table.markdown())
 
 

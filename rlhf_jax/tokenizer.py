@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from rlhf_jax.errors import ConfigError
+
 PAD_ID, UNK_ID, EOS_ID, EOC_ID = 0, 1, 2, 3
 EOC_PIECE = "<|endofcontext|>"
 MODEL_FILE = "tokenizer.model"
@@ -58,17 +60,30 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str) -> T
   """Trains a BPE model on texts, writes <output_dir>/tokenizer.model, returns it loaded."""
   os.makedirs(output_dir, exist_ok=True)
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(list(_training_sentences(texts))), model_writer=model,
-      vocab_size=vocab_size, model_type="bpe", character_coverage=0.9995, byte_fallback=True,
-      pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, user_defined_symbols=[EOC_PIECE, "\n"],
-      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-      split_digits=True,
-      allow_whitespace_only_pieces=True, max_sentence_length=16384, num_threads=1,
-      shuffle_input_sentence=False, minloglevel=2)
+  sentences = list(_training_sentences(texts))
+  try:
+    _train_bpe(sentences, vocab_size, model)
+  except RuntimeError as e:
+    if "Vocabulary size too high" not in str(e):
+      raise
+    limit = str(e).split("<=")[-1].strip(" .") if "<=" in str(e) else "fewer"
+    raise ConfigError(f"model.vocab_size={vocab_size} is more than a tokenizer trained on these "
+                      f"{len(sentences)} texts can hold (at most {limit}): lower model.vocab_size, or "
+                      f"reuse a tokenizer (tokenizer.path, or init_from a run that has one)") from None
   path = os.path.join(output_dir, MODEL_FILE)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
     f.write(model.getvalue())
   os.replace(tmp, path)  # a killed run never leaves a half-written model behind
   return Tokenizer(path)
+
+
+def _train_bpe(sentences: list[str], vocab_size: int, model: io.BytesIO) -> None:
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences), model_writer=model,
+      vocab_size=vocab_size, model_type="bpe", character_coverage=0.9995, byte_fallback=True,
+      pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, user_defined_symbols=[EOC_PIECE, "\n"],
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+      split_digits=True,
+      allow_whitespace_only_pieces=True, max_sentence_length=16384, num_threads=1,
+      shuffle_input_sentence=False, minloglevel=2)

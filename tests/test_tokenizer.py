@@ -140,3 +140,9 @@ def test_foreign_models_rejected(tmp_path):
   no_eoc = _spm_model(tmp_path / "no_eoc.model", pad_id=0, unk_id=1, eos_id=2, bos_id=-1)
   with pytest.raises(ValueError, match=str(tmp_path / "no_eoc.model")):
     Tokenizer(no_eoc)
+
+
+def test_too_few_texts_for_the_vocabulary_is_a_config_error(tmp_path):
+  from rlhf_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"model.vocab_size=1024 is more than .*at most \d+"):
+    train_tokenizer(["\n\nHuman: hi\n\nAssistant: hello"] * 5, 1024, str(tmp_path))
