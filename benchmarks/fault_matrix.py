@@ -210,14 +210,16 @@ def bad_inputs(out, runs, table):
   with open(ties, "w") as f:
     f.write("\n".join(good_lines + [json.dumps({"chosen": GOOD["chosen"], "rejected": GOOD["chosen"]})] * 3) + "\n")
 
-  for name, path, extra, lost in [
-      ("empty comparison file", empty, [], "n/a"),
-      ("truncated gzip", truncated, [], "n/a"),
-      ("2 malformed records", malformed, [], "n/a"),
+  for name, path, extra, reported in [
+      ("empty comparison file", empty, [], None),
+      ("truncated gzip", truncated, [], None),
+      ("2 malformed records", malformed, [], None),
       ("2 malformed records, skip_malformed", malformed, ["--config.data.skip_malformed=True"],
-       "none (2 skipped, counted)"),
-      ("3 ties (chosen == rejected)", ties, [], "none (3 ties counted, left out)")]:
+       "2 malformed skipped"),
+      ("3 ties (chosen == rejected)", ties, [], "3 ties (chosen == rejected) left out")]:
     proc = pm_on(path, *extra)
+    lost = "n/a" if reported is None else (f"none ({reported}, reported)" if reported in proc.stdout
+                                           else "NOT REPORTED")
     table.add(name, 1, [proc.returncode], lost, first_error(proc) if proc.returncode else "trained")
 
   for name, overrides in [

@@ -3,6 +3,8 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
       python tests/distributed_pm_worker.py --process_id=0 --num_processes=2 --port=12345 --out=out.json
   (and the same with --process_id=1: each process waits for the others at the coordinator)
+  Process 0 writes out.json (losses, mesh) and out.json.params.npz (parameters before and after
+  each step).
 
 Every process builds the same global batches from a seed and places them with `shard_batch`;
 the processes' devices form one mesh. `train` is also what the test runs in one process, on as
@@ -50,21 +52,16 @@ def _check_local_rows(placed: dict, host: dict) -> None:
       np.testing.assert_array_equal(np.asarray(shard.data), host[name][shard.index], err_msg=name)
 
 
-def _sums_of_squares(params) -> dict[str, float]:
-  return {jax.tree_util.keystr(path): float(np.sum(np.square(np.asarray(x), dtype=np.float64)))
-          for path, x in jax.tree_util.tree_leaves_with_path(params)}
-
-
 def train(mesh, seed: int) -> dict:
-  """STEPS PM train steps on `mesh` -> losses, and float64 sums of squares of each parameter
-  before and after."""
+  """STEPS PM train steps on `mesh` -> losses, and the parameters (host numpy) before and after
+  each step: STEPS + 1 snapshots."""
   tx = make_optimizer(OPT, total_steps=10)
   state, shardings = create_train_state(lambda r: init_params(CFG, r), tx, mesh, jax.random.PRNGKey(0))
   # Replicated on every device, so that each process can read whole arrays (one compile for the
   # tree, where multihost_utils.process_allgather compiles one gather per leaf).
   replicate = jax.jit(lambda p: p, out_shardings=shd.replicated(mesh))
-  checksums = lambda params: _sums_of_squares(replicate(params))
-  initial = checksums(state.params)
+  snapshot = lambda params: jax.tree.map(np.asarray, replicate(params))
+  snapshots = [snapshot(state.params)]
   step = pm.jit_pm_train_step(Transformer(CFG), tx, mesh, shardings)
   losses = []
   for i in range(STEPS):
@@ -73,7 +70,22 @@ def train(mesh, seed: int) -> dict:
     _check_local_rows(batch, host)
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
-  return {"losses": losses, "initial_checksums": initial, "checksums": checksums(state.params)}
+    snapshots.append(snapshot(state.params))
+  return {"losses": losses, "params": snapshots}
+
+
+def save_snapshots(path: str, snapshots: list) -> None:
+  np.savez(path, **{f"{i}/{j}": leaf for i, tree in enumerate(snapshots)
+                    for j, leaf in enumerate(jax.tree.leaves(tree))})
+
+
+def load_snapshots(path: str, like) -> list:
+  """The snapshots save_snapshots wrote, as trees shaped like `like`."""
+  treedef = jax.tree.structure(like)
+  with np.load(path) as f:
+    count = 1 + max(int(k.split("/")[0]) for k in f.files)
+    return [jax.tree.unflatten(treedef, [f[f"{i}/{j}"] for j in range(treedef.num_leaves)])
+            for i in range(count)]
 
 
 def main():
@@ -91,9 +103,11 @@ def main():
   mesh = shd.make_mesh(MESH_SHAPE)
   result = {"process_count": jax.process_count(), "device_count": jax.device_count(),
             "local_device_count": jax.local_device_count(), "mesh": dict(mesh.shape)}
-  result.update(train(mesh, args.seed))
+  run = train(mesh, args.seed)
+  result["losses"] = run["losses"]
   if jax.process_index() == 0:
-    with open(args.out, "w") as f:
+    save_snapshots(args.out + ".params.npz", run["params"])
+    with open(args.out, "w") as f:  # last: its presence means the parameters are there too
       json.dump(result, f)
 
 

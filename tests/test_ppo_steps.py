@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 import numerics
@@ -320,6 +321,59 @@ def test_score_rollout_log_probs_are_the_samplers(setup):
                              rtol=1e-4, atol=1e-5)
 
 
+UPDATE_METRICS = ("policy_loss", "value_loss", "approx_kl", "update_entropy", "grad_norm")  # continuous
+
+
+def _minibatch_order(rng):
+  """Rows of each minibatch step, drawn as ppo_update draws them: a permutation per epoch."""
+  perms = jnp.stack([jax.random.permutation(k, BATCH) for k in jax.random.split(rng, HYPER.epochs)])
+  return np.asarray(perms).reshape(HYPER.epochs * HYPER.num_minibatches, -1)
+
+
+def _update_metrics_fn(setup, rollout, order):
+  """params -> UPDATE_METRICS averaged over the minibatch steps, all evaluated at params."""
+  loss_grad = jax.value_and_grad(functools.partial(ppo_loss, models=setup.models, hyper=HYPER,
+                                                   prompt_len=PROMPT_LEN), has_aux=True)
+
+  def one(params, rows):
+    (_, m), grads = loss_grad(params, jax.tree.map(lambda x: x[rows], rollout))
+    return jnp.stack([m[k] for k in UPDATE_METRICS[:-1]] + [optax.tree.norm(grads)])
+
+  return jax.jit(lambda params: jnp.mean(jnp.stack([one(params, rows) for rows in order]), axis=0))
+
+
+def _token_outputs_fn(setup, rollout):
+  """params -> [log-probs of the response tokens, values] [2, batch, NEW_TOKENS]: what the clip
+  decisions of ppo_loss are made on."""
+  def fn(params):
+    out = setup.models.policy.apply({"params": params["policy"]}, rollout["tokens"],
+                                    attention_mask=rollout["mask"])
+    logits = out.logits[:, PROMPT_LEN - 1:-1]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), rollout["response"][..., None], axis=-1)
+    return jnp.stack([logp[..., 0], out.scalar[:, PROMPT_LEN - 1:-1]]).ravel()
+  return jax.jit(fn)
+
+
+def _undecided_clips(setup, rollout, params, other_params):
+  """Per token [batch, NEW_TOKENS]: whether its policy / value clip decision lies within the
+  first-order tolerance (tests/numerics.py) of flipping between params and other_params."""
+  outputs, tol = numerics.first_order_tolerance(_token_outputs_fn(setup, rollout), params, other_params)
+  (logp, values), (tol_logp, tol_values) = outputs.reshape(2, BATCH, -1), tol.reshape(2, BATCH, -1)
+  m = np.asarray(rollout["response_mask"])
+  adv = np.asarray(rollout["advantages"], np.float64)
+  log_ratio = logp - np.asarray(rollout["old_logp"], np.float64)
+  # Clipped iff A > 0 and log ratio > log(1 + eps), or A < 0 and log ratio < log(1 - eps).
+  policy_margin = np.where(adv > 0, log_ratio - np.log1p(HYPER.clip_eps), np.log1p(-HYPER.clip_eps) - log_ratio)
+  policy = m & (adv != 0) & (np.abs(policy_margin) <= tol_logp)
+  # Clipped iff the value left the clip range and the clipped one is the farther from the return:
+  # both margins move by at most the value's own change.
+  old, ret = np.asarray(rollout["old_values"], np.float64), np.asarray(rollout["returns"], np.float64)
+  clipped = old + HYPER.value_clip_eps * np.sign(values - old)
+  value_margin = np.minimum(np.abs(values - old) - HYPER.value_clip_eps, np.abs(clipped - ret) - np.abs(values - ret))
+  value = m & (np.abs(value_margin) <= tol_values)
+  return policy, value
+
+
 def test_sharded_update_equals_single_device(setup, sharded_setup, straight):
   snapshots, _ = straight
   host_state = snapshots[ITERS // 2]  # Adam moments and a policy away from the reference
@@ -330,33 +384,63 @@ def test_sharded_update_equals_single_device(setup, sharded_setup, straight):
   rollout_1, _ = setup.score(state.params, setup.ref, {}, gen, state.extra["kl_coef"], *setup.norm)
   rollout = _host(rollout_1)
   rng = jax.random.PRNGKey(4)
+  # The same update with learning rate 0 (same optimizer state layout): every minibatch step on
+  # the parameters it was given, so its metrics are those of that parameter set.
+  frozen_tx = make_optimizer(ml_collections.ConfigDict(dict(OPT, learning_rate=0.0)),
+                             ITERS * HYPER.epochs * HYPER.num_minibatches)
+  frozen = jax.jit(functools.partial(ppo_update, models=setup.models, hyper=HYPER, tx=frozen_tx))
 
-  single, single_metrics = setup.update(state, rollout_1, setup.commit(rng))
-  sharded_state = sharded_setup.fresh(host_state)
-  w = sharded_state.params["policy"]["layer_0"]["mlp"]["w_gate"]
-  assert w.addressable_shards[0].data.shape == (CFG.d_model // 2, CFG.mlp_dim // 2)  # really split
-  sharded, sharded_metrics = setup.update(sharded_state, shd.shard_batch(rollout, sharded_setup.mesh),
-                                          sharded_setup.commit(rng))
+  def on_mesh(s, host):
+    sharded = s is sharded_setup
+    run_rollout = shd.shard_batch(rollout, s.mesh) if sharded else rollout_1
+    before, before_metrics = _host(frozen(s.fresh(host), run_rollout, s.commit(rng)))
+    state = s.fresh(host)
+    if sharded:
+      w = state.params["policy"]["layer_0"]["mlp"]["w_gate"]
+      assert w.addressable_shards[0].data.shape == (CFG.d_model // 2, CFG.mlp_dim // 2)  # really split
+    state, _ = setup.update(state, run_rollout, s.commit(rng))
+    after = _host(state)
+    after_metrics = _host(frozen(s.fresh(after), run_rollout, s.commit(rng))[1])
+    return before, before_metrics, after, after_metrics
 
-  single_metrics, sharded_metrics = _host(single_metrics), _host(sharded_metrics)
-  assert single_metrics.keys() == sharded_metrics.keys()
-  # These are averages over the 4 minibatch steps, 3 of them after an update. A weight that Adam
-  # may move differently on the two meshes is one whose gradient is at the reduction noise, so its
-  # first-order effect on the losses is ~0 (noise x lr): they stay within 1e-4 (measured: 1e-7
-  # relative, clip fractions equal). The quantities that are not gradients of the loss (PM
-  # margins, say) need the first-order bound of tests/numerics.py instead, as in test_pm.
-  for key in single_metrics:
-    np.testing.assert_allclose(sharded_metrics[key], single_metrics[key], rtol=1e-4, atol=1e-7, err_msg=key)
-  before = jax.tree.leaves(host_state.params)
-  after_1, after_8 = jax.tree.leaves(_host(single.params)), jax.tree.leaves(_host(sharded.params))
-  assert max(float(np.abs(a - b).max()) for a, b in zip(after_1, before)) > 1e-3  # a real update
+  frozen_1, before_1, state_1, after_1 = on_mesh(setup, host_state)
+  _, before_8, state_8, after_8 = on_mesh(sharded_setup, host_state)
+  _assert_bitwise_equal(frozen_1.params, host_state.params)  # learning rate 0 really froze them
+  assert before_1.keys() == before_8.keys() == after_1.keys() == after_8.keys()
+  # On identical parameters only float32 reassociation across shards separates the two: means over
+  # <= 128 tokens and a norm over 5e4 squares, a few ulps each (measured: <= 2e-7 relative).
+  for key in before_1:
+    np.testing.assert_allclose(before_8[key], before_1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+  params_before = host_state.params
+  params_1, params_8 = state_1.params, state_8.params
+  assert max(float(np.abs(a - b).max()) for a, b in
+             zip(jax.tree.leaves(params_1), jax.tree.leaves(params_before))) > 1e-3  # a real update
   # Adam may move a weight whose gradient is at the reduction noise differently on the two meshes
   # (tests/numerics.py); a sharding bug (a missing all-reduce, a minibatch drawn differently)
-  # moves most weights by whole steps. Measured: max 3e-8, mean 8e-11.
+  # moves most weights by whole steps. Measured: max 3e-8, median 0.
   first = ITERS // 2 * HYPER.epochs * HYPER.num_minibatches + 1  # optimizer steps taken before
-  numerics.assert_adam_runs_close(after_1, after_8, [OPT.learning_rate] * (HYPER.epochs * HYPER.num_minibatches),
+  numerics.assert_adam_runs_close(params_1, params_8, [OPT.learning_rate] * (HYPER.epochs * HYPER.num_minibatches),
                                   OPT.b1, OPT.b2, first_step=first)
-  assert int(sharded.step) == int(single.step) == ITERS // 2  # iterations are counted by the caller
+  assert int(state_8.step) == int(state_1.step) == ITERS // 2  # iterations are counted by the caller
+
+  # After the update the two parameter sets may differ by what Adam allows: the metrics there by
+  # what that difference explains to first order (and no more).
+  order = _minibatch_order(rng)
+  values, tol = numerics.first_order_tolerance(_update_metrics_fn(setup, rollout, order), params_1, params_8)
+  np.testing.assert_allclose(values, [after_1[k] for k in UPDATE_METRICS], rtol=1e-5,
+                             atol=1e-6)  # the reference computation (and minibatch order) is the update's own
+  for i, key in enumerate(UPDATE_METRICS):
+    assert abs(after_8[key] - after_1[key]) <= tol[i], (key, after_8[key], after_1[key], tol[i])
+  # Clip fractions count decisions: only tokens within their tolerance of a clip boundary may
+  # change side, each by 1 / (tokens in its minibatch). Measured: none is.
+  undecided = dict(zip(("clip_fraction", "value_clip_fraction"), _undecided_clips(setup, rollout, params_1, params_8)))
+  tokens = np.asarray(rollout["response_mask"])
+  for key, und in undecided.items():
+    bound = np.mean([und[rows].sum() / tokens[rows].sum() for rows in order])
+    assert abs(after_8[key] - after_1[key]) <= bound + 1e-6 * after_1[key], (key, after_8[key], after_1[key], bound)
+  assert after_1["clip_fraction"] > 0 and after_1["value_clip_fraction"] > 0  # both decisions are live
+  assert after_8["nonfinite"] == after_1["nonfinite"] == 0
 
 
 def _check_resume(setup: Setup, snapshots, half: int, end: int, directory):
