@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
       "eval": {"num_prompts": 64},
   })
   c.bon = ml_collections.ConfigDict({"ns": (1, 2, 4, 8, 16, 32), "num_prompts": 64, "seed": 0})
+  # Evaluations of each size's initial and final RLHF policy (rlhf_jax.evals; every setting is in
+  # configs/evaluate.py): small subsets of the bundled data; "full": True for whole data sets.
+  c.evals = ml_collections.ConfigDict({"suites": "bias_cloze,winogender,bbq,ood,mc,elo", "batch_size": 64})
   c.progress_bar = True
   c.workdir = "runs/sweep_tiny"
   return c

@@ -38,18 +38,32 @@ def best_of_n(policy, pm, extra_pms: dict, prompts: dict, ns: Sequence[int], rng
   max(ns) samples are drawn per prompt once; best-of-n uses the first n of them, so the curve
   over n is nested (less noisy than independent draws per n) and costs one generation."""
   n_max = max(ns)
-  tokens = jnp.repeat(prompts["tokens"], n_max, axis=0)  # [num_prompts * n_max, P], prompt-major
-  mask = jnp.repeat(prompts["attention_mask"], n_max, axis=0)
+  scores = sample_scores(policy, {"_selector": pm, **extra_pms}, prompts, n_max, rng, max_new_tokens=max_new_tokens,
+                         temperature=temperature, eos_id=eos_id, pad_id=pad_id, eoc_id=eoc_id)
+  norm = lambda name, frozen: (scores[name] - frozen.normalisation["mean"]) / frozen.normalisation["std"]
+  return select_best(norm("_selector", pm), {name: norm(name, f) for name, f in extra_pms.items()}, ns)
+
+
+def sample_scores(policy, pms: dict, prompts: dict, n: int, rng: jax.Array, *, max_new_tokens: int,
+                  temperature: float, eos_id: int, pad_id: int, eoc_id: int) -> dict[str, np.ndarray]:
+  """n samples per prompt from policy, scored by every PM: {name: raw scores [num_prompts, n]}
+  (float64, gathered to every host)."""
+  tokens = jnp.repeat(prompts["tokens"], n, axis=0)  # [num_prompts * n, P], prompt-major
+  mask = jnp.repeat(prompts["attention_mask"], n, axis=0)
   gen = generate(policy.params, tokens, mask, rng, model=policy.model, max_new_tokens=max_new_tokens,
                  temperature=temperature, eos_id=eos_id, pad_id=pad_id)
+  out = {}
+  for name, frozen in pms.items():
+    raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask, eoc_id)
+    out[name] = np.asarray(_gathered(raw), np.float64).reshape(-1, n)
+  return out
 
-  def rewards(frozen):
-    raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens,
-                   gen.mask, eoc_id)
-    norm = frozen.normalisation
-    return np.asarray((raw - norm["mean"]) / norm["std"]).reshape(-1, n_max)
 
-  return select_best(rewards(pm), {name: rewards(f) for name, f in extra_pms.items()}, ns)
+def _gathered(x: jax.Array) -> jax.Array:
+  if jax.process_count() > 1 and not x.is_fully_addressable:  # rows live on other hosts too
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(x, tiled=True)
+  return x
 
 
 def select_best(proxy: np.ndarray, others: dict[str, np.ndarray], ns: Sequence[int]) -> list[dict]:

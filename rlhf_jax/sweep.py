@@ -18,7 +18,7 @@ Each size's initial policy is its pretrained LM, or, with config.sft.objective =
 from context-distilled models); PMs start from the pretrained LM.
 
 Stages, each in its own subdirectory: tokenizer, lm_<size>, [sft_<size>], pm_gold,
-[labels_<size>], pm_<size>, ppo_<size>, bon_<size>. A finished stage leaves stage_done.json (with the settings it ran with)
+[labels_<size>], pm_<size>, ppo_<size>, bon_<size>, [evals_<size>: rlhf_jax.evals.stage]. A finished stage leaves stage_done.json (with the settings it ran with)
 and is skipped on a rerun; an interrupted one resumes from its last checkpoint. So a killed sweep
 is resumed by running the same command again.
 """
@@ -257,6 +257,50 @@ def _bon_stage(config, workdir: str, name: str) -> Stage:
   return Stage(f"bon_{name}", settings, run)
 
 
+def evals_config(config) -> ml_collections.ConfigDict:
+  """configs/evaluate.py's suite settings, overridden by the sweep's `evals` section."""
+  from configs.evaluate import evals_section
+  c = evals_section()
+  c.elo = ml_collections.ConfigDict({"bon_ns": (4, 16), "games": "soft"})  # judged by the gold PM
+  override(c, config.get("evals", {}), "evals")
+  return c
+
+
+def _with_evals(config) -> bool:
+  return config.get("evals") is not None and bool(evals_config(config).suites)
+
+
+def _evals_stage(config, workdir: str, name: str) -> Stage:
+  rl = ppo_config(config, workdir, name)
+  ev = evals_config(config)
+  settings = {"evals": ev.to_dict(), "ppo": rl.ppo.to_dict(), "data": rl.data.to_dict(), "eval": rl.eval.to_dict()}
+
+  def run(d):
+    from rlhf_jax.evals import stage, suite
+    from rlhf_jax.train_ppo import load_policy, prompt_batchers, same_tokenizer
+    mesh = shd.make_mesh(rl.mesh.shape)
+    tok = same_tokenizer(rl.policy_from, rl.pm_dir, *rl.eval.pm_dirs)
+    ppo_dir = os.path.join(workdir, f"ppo_{name}")
+    initial = load_policy(rl.policy_from, mesh)
+    out = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"]}
+    out |= stage.policy_evals({"initial": initial, "rlhf": load_policy(ppo_dir, mesh)}, tok, ev, d, mesh,
+                              progress=config.progress_bar)
+    if "elo" in suite.parse_suites(ev.suites):
+      _, eval_prompts = prompt_batchers(rl, tok, d)  # the held-out prompts PPO is evaluated on
+      kl = {m["step"]: float(m["eval_kl"]) for m in read_metrics(ppo_dir) if "eval_kl" in m}
+      out["elo"] = stage.snapshot_elo(
+          initial, ppo_dir, _frozen(rl.eval.pm_dirs[0], mesh), _frozen(rl.pm_dir, mesh), eval_prompts.in_order()[0],
+          kl, mesh, bon_ns=tuple(ev.elo.bon_ns), games=ev.elo.games, seed=ev.seed,
+          sampling={"max_new_tokens": rl.ppo.max_new_tokens, "temperature": rl.ppo.temperature,
+                    "eos_id": tok.eos_id, "pad_id": tok.pad_id, "eoc_id": tok.eoc_id})
+    if jax.process_index() == 0:
+      suite.write_json(os.path.join(d, "evals.json"), out)
+      with open(os.path.join(d, "evals.md"), "w", encoding="utf-8") as f:
+        f.write(suite.markdown({"initial": out["initial"], "rlhf": out["rlhf"]}))
+    return {tag: {k: v for k, (v, _) in suite.headline(out[tag]).items()} for tag in ("initial", "rlhf")}
+  return Stage(f"evals_{name}", settings, run)
+
+
 def plan(config, workdir: str) -> list[Stage]:
   """The stages of the sweep, in the order they run."""
   from rlhf_jax import train_lm, train_pm, train_ppo
@@ -280,6 +324,8 @@ def plan(config, workdir: str) -> list[Stage]:
     stages.append(_trainer_stage(f"pm_{n}", train_pm.train, pm_config(config, workdir, n)))
     stages.append(_trainer_stage(f"ppo_{n}", train_ppo.train, ppo_config(config, workdir, n)))
     stages.append(_bon_stage(config, workdir, n))
+    if _with_evals(config):
+      stages.append(_evals_stage(config, workdir, n))
   return stages
 
 
@@ -367,6 +413,9 @@ def run_sweep(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
     _write_jsonl(out["results"], rows)
     from rlhf_jax import scaling_analysis
     out["analysis"] = scaling_analysis.analyse(workdir)
+    if _with_evals(config):
+      from rlhf_jax.evals import analysis as evals_analysis
+      out["analysis"] |= evals_analysis.analyse(workdir, list(config.sizes))
   return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import filecmp
 import functools
 import os
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,30 @@ class FrozenModel:
     self.abstract, self.shardings = state_shardings(lambda r: init_params(cfg, r), tx, mesh)
     self.params = loop.restore_params(run_dir, self.abstract)
     self.normalisation = load_normalisation(run_dir) if with_normalisation else None
+
+
+class Policy(NamedTuple):
+  model: Transformer
+  params: Any
+  step: int  # the checkpoint's step
+  tokenizer_dir: str  # the run whose tokenizer.model the policy reads
+
+
+def load_policy(run_dir: str, mesh, step: Optional[int] = None) -> Policy:
+  """The policy of any run: an LM / SFT run's params, or a PPO run's policy (its model is that of
+  its policy_from). step: a saved checkpoint (default: the last)."""
+  source = load_run_config(run_dir).get("policy_from") or run_dir
+  base = FrozenModel(source, mesh)  # the model, and for an LM run its last params
+  with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+    last = ckpt.latest_step()
+    step = last if step is None else step
+    if step not in ckpt.all_steps():
+      raise ConfigError(f"{run_dir}: no checkpoint at step {step} (saved: {ckpt.all_steps()})")
+    if source == run_dir:
+      params = base.params if step == last else ckpt.restore_params(base.abstract.params, step)
+    else:
+      params = ckpt.restore_params({"policy": base.abstract.params}, step)["policy"]
+  return Policy(base.model, params, int(step), source)
 
 
 def same_tokenizer(*run_dirs: str) -> Tokenizer:
