@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.out_dir = ""  # "" = <policy_dir>/evals
   c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1)})
   c.elo = ml_collections.ConfigDict({
-      "policies": (),  # further runs (RUN or RUN@STEP) to rate against policy_dir
+      "policies": "",  # comma-separated further runs (RUN or RUN@STEP) to rate against policy_dir
       "judge_dir": "",  # the PM that judges (e.g. the sweep's pm_gold)
       "prompts_path": "",  # prompts or hh-rlhf comparisons; "" = harmless-base test first turns
       "num_prompts": 64, "prompt_len": 32, "max_new_tokens": 16, "temperature": 1.0,

@@ -44,7 +44,8 @@ def run_elo(config, mesh, tok: Tokenizer) -> dict:
   c = config.elo
   if not c.judge_dir:
     raise ConfigError("suite elo needs elo.judge_dir (a PM run, e.g. a sweep's pm_gold)")
-  refs = [f"{config.policy_dir}@{config.step}" if config.step >= 0 else config.policy_dir, *c.policies]
+  others = [p.strip() for p in c.policies.split(",") if p.strip()]
+  refs = [f"{config.policy_dir}@{config.step}" if config.step >= 0 else config.policy_dir, *others]
   contestants = []
   for ref in refs:
     path, step = _policy_ref(ref)

@@ -54,6 +54,10 @@ def micro_sweep_config(**changes):
           "ppo": {"rollout_batch": 16, "num_minibatches": 2, "epochs": 1, "prompt_len": 24, "max_new_tokens": 8},
           "eval": {"num_prompts": 8}}
   c.bon = {"ns": (1, 2, 4), "num_prompts": 8, "seed": 0}
+  c.evals = {"suites": "bias_cloze,winogender,bbq,ood,mc,elo", "batch_size": 32,
+             "bias_cloze": {"occupations": ("nurse", "engineer", "baker", "carpenter")},
+             "bbq": {"max_per_category": 3}, "ood": {"max_prompts": 24, "ks": (0, 1, 4)},
+             "elo": {"bon_ns": (2,)}}
   c.progress_bar = False
   for key, value in changes.items():
     c[key] = value

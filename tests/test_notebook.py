@@ -16,6 +16,7 @@ def results_dir(micro_sweep_dir, tmp_path):
   run_dir = tmp_path / "run"
   run_dir.mkdir()
   shutil.copy(os.path.join(micro_sweep_dir, "results.jsonl"), run_dir / "results.jsonl")
+  shutil.copytree(os.path.join(micro_sweep_dir, "evals_xs"), run_dir / "evals_xs")
   return run_dir
 
 
@@ -38,8 +39,10 @@ def test_notebook_executes_on_a_results_dir(results_dir, tmp_path, monkeypatch):
   outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
   assert not [out for out in outputs if out.output_type == "error"]
   images = [out for out in outputs if "image/png" in out.get("data", {})]
-  assert len(images) == 4  # three analysis figures and the interactive gap plot
+  assert len(images) == 7  # three analysis figures, the interactive gap plot, three evaluation figures
   assert any("text/markdown" in out.get("data", {}) and "| size | params |" in out["data"]["text/markdown"]
+             for out in outputs)
+  assert any("text/markdown" in out.get("data", {}) and "| after - before |" in out["data"]["text/markdown"]
              for out in outputs)
   for name in ANALYSIS_FILES:
     path = results_dir / "analysis" / name

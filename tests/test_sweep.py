@@ -24,7 +24,9 @@ def test_plan_runs_every_stage_in_dependency_order(tmp_path):
   two = dict(sizes=("xs", "s"))
   names = [s.name for s in sweep.plan(micro_sweep_config(**two), str(tmp_path))]
   assert names == ["tokenizer", "lm_xs", "lm_s", "lm_gold", "sft_xs", "sft_s", "pm_gold", "labels_xs", "pm_xs",
-                   "ppo_xs", "bon_xs", "labels_s", "pm_s", "ppo_s", "bon_s"]
+                   "ppo_xs", "bon_xs", "evals_xs", "labels_s", "pm_s", "ppo_s", "bon_s", "evals_s"]
+  no_evals = micro_sweep_config(evals={"suites": ""}, **two)
+  assert [s.name for s in sweep.plan(no_evals, str(tmp_path))] == [n for n in names if not n.startswith("evals_")]
   halves = [s.name for s in sweep.plan(micro_sweep_config(setup="halves", **two), str(tmp_path))]
   assert [n for n in names if not n.startswith("labels_")] == halves
   no_sft = micro_sweep_config(**two)
@@ -143,9 +145,9 @@ def test_micro_sweep_collects_every_point(micro_sweep_dir):
 def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_dir, capsys):
   before = {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))
             for d in os.listdir(micro_sweep_dir) if os.path.exists(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))}
-  assert len(before) == 9
+  assert len(before) == 10
   sweep.run_sweep(micro_sweep_config(), micro_sweep_dir)
-  assert capsys.readouterr().out.count("skipped") == 9
+  assert capsys.readouterr().out.count("skipped") == 10
   assert before == {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE)) for d in before}
   changed = micro_sweep_config()
   changed.rl.kl = {"coef": 0.5}
@@ -158,7 +160,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_
   # without its last two stages, rerun with a preemption notice in the middle of ppo_xs.
   workdir = str(tmp_path / "killed")
   shutil.copytree(micro_sweep_dir, workdir)
-  for name in ("ppo_xs", "bon_xs", "analysis", sweep.RESULTS_FILE):
+  for name in ("ppo_xs", "bon_xs", "evals_xs", "analysis", sweep.RESULTS_FILE):
     path = os.path.join(workdir, name)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   write = metrics.MetricsWriter.write
@@ -177,7 +179,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_
   capsys.readouterr()
   sweep.run_sweep(micro_sweep_config(), workdir)
   out = capsys.readouterr().out
-  assert out.count("skipped") == 7 and "resumed from step 3" in out  # only ppo_xs and bon_xs ran
+  assert out.count("skipped") == 7 and "resumed from step 3" in out  # only ppo_xs, bon_xs, evals_xs ran
   got, want = _results(workdir), _results(micro_sweep_dir)
   assert [(r["size"], r["method"], r["step"]) for r in got] == [(r["size"], r["method"], r["step"]) for r in want]
   for g, w in zip(got, want):
@@ -193,3 +195,31 @@ def test_every_stage_records_the_directory_it_ran_in(micro_sweep_dir):
   for stage in trainer_stages:
     with open(os.path.join(micro_sweep_dir, stage, "config.json")) as f:
       assert json.load(f)["workdir"] == os.path.abspath(os.path.join(micro_sweep_dir, stage)), stage
+
+
+def test_evals_stage_writes_the_alignment_tax_table_and_elo_of_each_snapshot(micro_sweep_dir):
+  from rlhf_jax.evals.suite import headline
+  with open(os.path.join(micro_sweep_dir, "evals_xs", "evals.json")) as f:
+    ev = json.load(f)
+  before, after = headline(ev["initial"]), headline(ev["rlhf"])
+  assert set(before) == set(after) and {"bbq.acc_ambig", "winogender.pearson_r", "ood.auroc_mahalanobis",
+                                        "bias_cloze.mean_abs_bias", "mc.acc"} <= set(before)
+  with open(os.path.join(micro_sweep_dir, "analysis", "alignment_tax.md")) as f:
+    table = f.read()
+  for metric, (b, _) in before.items():  # each row: before, after and their difference
+    a = after[metric][0]
+    row = next(line for line in table.splitlines() if f"| {metric} |" in line)
+    assert row.startswith("| xs |") and f"{a - b:+.3f}" in row and f"{b:.3f}" in row, row
+  # Elo: the initial policy, every saved PPO snapshot with its logged KL, best-of-2 with its analytic KL.
+  logged = {m["step"]: m["eval_kl"] for m in metrics.read_metrics(os.path.join(micro_sweep_dir, "ppo_xs"))
+            if "eval_kl" in m}
+  elo = {r["name"]: r for r in ev["elo"]}
+  assert set(elo) == {"initial", "ppo@2", "ppo@4", "bon@2"}
+  assert elo["initial"]["kl"] == 0.0 and elo["ppo@4"]["kl"] == logged[4]
+  assert elo["bon@2"]["kl"] == pytest.approx(math.log(2) - 0.5, abs=1e-12)
+  assert sum(r["elo"] for r in elo.values()) == pytest.approx(0.0, abs=1e-6)
+  assert all(r["elo_lo"] <= r["elo"] <= r["elo_hi"] for r in elo.values())
+  for name in ("alignment_tax.png", "bias_before_after.png", "elo_vs_sqrt_kl.png"):
+    assert os.path.getsize(os.path.join(micro_sweep_dir, "analysis", name)) > 1000
+  for name in ("bias_cloze_initial.png", "winogender_rlhf.png", "evals.md"):
+    assert os.path.getsize(os.path.join(micro_sweep_dir, "evals_xs", name)) > 0
