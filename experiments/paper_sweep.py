@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
                                         "temperature": 1.0, "batch_size": 512, "seed": 0})
   c.rl = ml_collections.ConfigDict({"train": {"eval_every": 25}})
   c.bon = ml_collections.ConfigDict({"ns": (1, 2, 4, 8, 16, 32, 64, 128, 256), "num_prompts": 256, "seed": 0})
+  # Every evaluation on whole data sets (BBQ from $RLHF_JAX_EVALS_DIR or ../shared/data/evals); add
+  # MMLU, ARC, ... converted with `python -m rlhf_jax.evals.multiple_choice convert` to mc.tasks.
+  c.evals = ml_collections.ConfigDict({"suites": "bias_cloze,winogender,bbq,ood,mc,elo", "full": True,
+                                       "batch_size": 64, "elo": {"bon_ns": (4, 16, 64)}})
   c.progress_bar = True
   c.workdir = "runs/sweep_paper"
   return c
