@@ -24,7 +24,7 @@ def evals_section() -> ml_collections.ConfigDict:
       "bbq": {"path": "", "categories": (), "max_per_category": 24},  # 0 = every record of path
       "ood": {"in_path": "",  # "" = benign questions built from the bundled BBQ sample
               "out_path": "",  # "" = first Human turns of the hh-rlhf harmless-base test split
-              "max_prompts": 160, "layer": -1, "train_fraction": 0.5, "ks": (0, 1, 10, 100)},
+              "max_prompts": 240, "layer": -1, "train_fraction": 0.5, "ks": (0, 1, 10, 100)},
       "mc": {"tasks": ()},  # generic JSONL task files; () = the bundled demo task
   })
 

@@ -26,14 +26,23 @@ class Accuracy(NamedTuple):
   n: int
 
 
-def accuracy_interval(r_chosen, r_rejected, z: float = 1.959964) -> Accuracy:
-  """Fraction of comparisons with r_chosen > r_rejected (ties count as wrong), Wilson interval."""
-  correct = np.asarray(r_chosen) > np.asarray(r_rejected)
-  n = correct.size
-  p = float(correct.mean())
+Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+  """95% Wilson score interval of a proportion k / n (nan for n = 0)."""
+  if n == 0:
+    return math.nan, math.nan
+  p = k / n
   centre = (p + z * z / (2 * n)) / (1 + z * z / n)
   half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-  return Accuracy(p, centre - half, centre + half, n)
+  return centre - half, centre + half
+
+
+def accuracy_interval(r_chosen, r_rejected, z: float = Z95) -> Accuracy:
+  """Fraction of comparisons with r_chosen > r_rejected (ties count as wrong), Wilson interval."""
+  correct = np.asarray(r_chosen) > np.asarray(r_rejected)
+  return Accuracy(float(correct.mean()), *wilson_interval(int(correct.sum()), correct.size, z), correct.size)
 
 
 class Calibration(NamedTuple):
