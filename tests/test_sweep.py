@@ -223,3 +223,18 @@ def test_evals_stage_writes_the_alignment_tax_table_and_elo_of_each_snapshot(mic
     assert os.path.getsize(os.path.join(micro_sweep_dir, "analysis", name)) > 1000
   for name in ("bias_cloze_initial.png", "winogender_rlhf.png", "evals.md"):
     assert os.path.getsize(os.path.join(micro_sweep_dir, "evals_xs", name)) > 0
+
+
+def test_paper_sweep_evaluates_every_size_on_whole_data_sets(tmp_path):
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "paper_sweep.py")
+  spec = importlib.util.spec_from_file_location("paper_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  names = [s.name for s in sweep.plan(c, str(tmp_path))]
+  assert [n for n in names if n.startswith("evals_")] == [f"evals_{size}" for size in c.sizes]
+  ev = sweep.evals_config(c)
+  assert ev.full and "elo" in ev.suites and tuple(ev.elo.bon_ns) == (4, 16, 64)
+  with pytest.raises(ValueError, match=r"evals\.bbq\.max_per_categry: no such setting"):
+    sweep.plan(micro_sweep_config(evals={"bbq": {"max_per_categry": 3}}), str(tmp_path))
