@@ -17,10 +17,10 @@ Each size's initial policy is its pretrained LM, or, with config.sft.objective =
 "distill", that LM fine-tuned on the Assistant turns or context-distilled (Bai et al. start RLHF
 from context-distilled models); PMs start from the pretrained LM.
 
-Stages, each in its own subdirectory: tokenizer, lm_<size>, [sft_<size>], pm_gold,
-[labels_<size>], pm_<size>, ppo_<size>, bon_<size>, [evals_<size>: rlhf_jax.evals.stage]. A finished stage leaves stage_done.json (with the settings it ran with)
-and is skipped on a rerun; an interrupted one resumes from its last checkpoint. So a killed sweep
-is resumed by running the same command again.
+Stages (rlhf_jax.stages), each in its own subdirectory: tokenizer, lm_<size>, [sft_<size>],
+pm_gold, [labels_<size>], pm_<size>, ppo_<size>, bon_<size>, [evals_<size>: rlhf_jax.evals.stage].
+A finished stage is skipped on a rerun and an interrupted one resumes from its last checkpoint, so
+a killed sweep is resumed by running the same command again.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -39,8 +39,9 @@ from ml_collections import config_flags
 from rlhf_jax import cli
 from rlhf_jax import sharding as shd
 from rlhf_jax.best_of_n import best_of_n
-from rlhf_jax.checkpointing import Checkpointer
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.stages import (STAGE_DONE, Stage, StageInterrupted, override, run_stages, trainer_stage,  # noqa: F401
+                             write_jsonl, barrier)
 from rlhf_jax.lm_data import train_eval_records
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.model_config import ModelConfig, get_preset, param_counts
@@ -48,34 +49,12 @@ from rlhf_jax.ppo_steps import pm_score
 from rlhf_jax.sampling import generate
 from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 
-STAGE_DONE = "stage_done.json"
 RESULTS_FILE = "results.jsonl"
 GOLD = "gold"
-
-
-class SweepInterrupted(RuntimeError):
-  """A stage stopped before its last step (preemption); rerunning the sweep resumes it."""
-
-
-class Stage(NamedTuple):
-  name: str  # also its subdirectory
-  settings: dict  # everything its output depends on; a rerun with other settings is an error
-  run: Callable[[str], dict]  # stage directory -> JSON-able summary
+SweepInterrupted = StageInterrupted  # the name older callers know
 
 
 # --- configs of the stages ---------------------------------------------------------------------
-
-
-def override(config: ml_collections.ConfigDict, overrides, where: str) -> None:
-  """Sets config[k] = v for every (nested) key of overrides; a key config lacks is an error
-  naming it, not a silently ignored typo."""
-  for key, value in dict(overrides).items():
-    if key not in config:
-      raise ConfigError(f"{where}.{key}: no such setting; known: {sorted(config.keys())}")
-    if isinstance(config[key], ml_collections.ConfigDict) and not isinstance(value, (str, int, float)):
-      override(config[key], value, f"{where}.{key}")
-    else:
-      config[key] = value
 
 
 def model_config(config, name: str) -> ModelConfig:
@@ -140,22 +119,6 @@ def ppo_config(config, workdir: str, name: str):
 
 
 # --- stages ------------------------------------------------------------------------------------
-
-
-def _check_finished(run_dir: str, steps: int, name: str) -> None:
-  with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
-    last = ckpt.latest_step()
-  if last != steps:
-    raise SweepInterrupted(f"stage {name} stopped at step {last} of {steps}; run the same command "
-                           f"again to resume it")
-
-
-def _trainer_stage(name: str, train: Callable, cfg) -> Stage:
-  def run(d):
-    last = train(cfg, d)
-    _check_finished(d, cfg.train.steps, name)
-    return {"last": last}
-  return Stage(name, cfg.to_dict(), run)
 
 
 def _tokenizer_stage(config, workdir: str) -> Stage:
@@ -228,8 +191,8 @@ def _labels_stage(config, workdir: str, name: str) -> Stage:
         prompt_len=rl.ppo.prompt_len, max_new_tokens=lab.max_new_tokens or rl.ppo.max_new_tokens,
         temperature=lab.temperature, batch_size=lab.batch_size, seed=lab.seed)
     if jax.process_index() == 0:
-      _write_jsonl(os.path.join(d, "labels.jsonl"), records)
-    _barrier(f"labels_{name}")
+      write_jsonl(os.path.join(d, "labels.jsonl"), records)
+    barrier(f"labels_{name}")
     return report
   return Stage(f"labels_{name}", settings, run)
 
@@ -252,7 +215,7 @@ def _bon_stage(config, workdir: str, name: str) -> Stage:
                      max_new_tokens=rl.ppo.max_new_tokens, temperature=rl.ppo.temperature, eos_id=tok.eos_id,
                      pad_id=tok.pad_id, eoc_id=tok.eoc_id)
     if jax.process_index() == 0:
-      _write_jsonl(os.path.join(d, "best_of_n.jsonl"), rows)
+      write_jsonl(os.path.join(d, "best_of_n.jsonl"), rows)
     return {"max_n": max(bon.ns)}
   return Stage(f"bon_{name}", settings, run)
 
@@ -301,9 +264,10 @@ def _evals_stage(config, workdir: str, name: str) -> Stage:
   return Stage(f"evals_{name}", settings, run)
 
 
-def plan(config, workdir: str) -> list[Stage]:
-  """The stages of the sweep, in the order they run."""
-  from rlhf_jax import train_lm, train_pm, train_ppo
+def base_stages(config, workdir: str) -> list[Stage]:
+  """What every experiment on these sizes starts from: the tokenizer, each size's LM and gold LM,
+  the initial policies (SFT / distilled) and the gold PM."""
+  from rlhf_jax import train_lm, train_pm
   if config.setup not in ("gold_pm", "halves"):
     raise ConfigError(f"setup={config.setup!r}: expected 'gold_pm' or 'halves'")
   if not config.sizes:
@@ -314,15 +278,22 @@ def plan(config, workdir: str) -> list[Stage]:
   if len(set(vocab.values())) > 1:  # not after hours of earlier stages
     raise ConfigError(f"every size shares one tokenizer, but vocab_size differs: {vocab}")
   stages = [_tokenizer_stage(config, workdir)]
-  stages += [_trainer_stage(f"lm_{n}", train_lm.train, lm_config(config, workdir, n)) for n in (*config.sizes, GOLD)]
+  stages += [trainer_stage(f"lm_{n}", train_lm.train, lm_config(config, workdir, n)) for n in (*config.sizes, GOLD)]
   if config.sft.objective:
-    stages += [_trainer_stage(f"sft_{n}", train_lm.train, sft_config(config, workdir, n)) for n in config.sizes]
-  stages.append(_trainer_stage(f"pm_{GOLD}", train_pm.train, pm_config(config, workdir, GOLD)))
+    stages += [trainer_stage(f"sft_{n}", train_lm.train, sft_config(config, workdir, n)) for n in config.sizes]
+  stages.append(trainer_stage(f"pm_{GOLD}", train_pm.train, pm_config(config, workdir, GOLD)))
+  return stages
+
+
+def plan(config, workdir: str) -> list[Stage]:
+  """The stages of the sweep, in the order they run."""
+  from rlhf_jax import train_pm, train_ppo
+  stages = base_stages(config, workdir)
   for n in config.sizes:
     if config.setup == "gold_pm":
       stages.append(_labels_stage(config, workdir, n))
-    stages.append(_trainer_stage(f"pm_{n}", train_pm.train, pm_config(config, workdir, n)))
-    stages.append(_trainer_stage(f"ppo_{n}", train_ppo.train, ppo_config(config, workdir, n)))
+    stages.append(trainer_stage(f"pm_{n}", train_pm.train, pm_config(config, workdir, n)))
+    stages.append(trainer_stage(f"ppo_{n}", train_ppo.train, ppo_config(config, workdir, n)))
     stages.append(_bon_stage(config, workdir, n))
     if _with_evals(config):
       stages.append(_evals_stage(config, workdir, n))
@@ -332,85 +303,18 @@ def plan(config, workdir: str) -> list[Stage]:
 # --- running and collecting --------------------------------------------------------------------
 
 
-def _portable(settings: dict, workdir: str) -> dict:
-  """Settings as JSON, with paths inside the sweep written relative to it: a moved or copied
-  sweep directory still resumes."""
-  text = json.dumps(settings, default=lambda v: list(v) if isinstance(v, tuple) else str(v), sort_keys=True)
-  return json.loads(text.replace(json.dumps(os.path.join(workdir, ""))[1:-1], "<workdir>/"))
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, path)  # a killed write never leaves a half file behind
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:  # other hosts read what process 0 just wrote
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-def _differences(a, b, prefix: str = "") -> dict[str, tuple]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = {}
-    for key in sorted(set(a) | set(b)):
-      out.update(_differences(a.get(key), b.get(key), f"{prefix}{key}."))
-    return out
-  return {} if a == b else {prefix[:-1]: (a, b)}
-
-
-def _done(stage_dir: str, stage: Stage, workdir: str) -> Optional[dict]:
-  path = os.path.join(stage_dir, STAGE_DONE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    done = json.load(f)
-  now = _portable(stage.settings, workdir)
-  if done["settings"] != now:
-    diff = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in _differences(done["settings"], now).items())
-    raise ConfigError(f"{path}: stage {stage.name} finished with other settings: {diff}; use another "
-                     f"workdir, or delete {stage_dir} to rerun it")
-  return done
-
-
 def run_sweep(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
   """Runs (or resumes) every stage, then collects and analyses the results. stop_after names a
   stage to stop after (for partial runs)."""
-  stages = plan(config, workdir)
-  if stop_after and stop_after not in {s.name for s in stages}:
-    raise ConfigError(f"stop_after={stop_after!r} is not a stage; stages: {[s.name for s in stages]}")
-  os.makedirs(workdir, exist_ok=True)
-  t_start, timings = time.perf_counter(), {}
-  for i, stage in enumerate(stages, 1):
-    stage_dir = os.path.join(workdir, stage.name)
-    done = _done(stage_dir, stage, workdir)
-    if done is not None:
-      print(f"[{i}/{len(stages)}] {stage.name}: done earlier ({done['seconds']:.0f} s), skipped", flush=True)
-      timings[stage.name] = done["seconds"]
-    else:
-      print(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
-      os.makedirs(stage_dir, exist_ok=True)
-      t0 = time.perf_counter()
-      summary = stage.run(stage_dir)
-      timings[stage.name] = time.perf_counter() - t0
-      if jax.process_index() == 0:
-        tmp = os.path.join(stage_dir, STAGE_DONE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-          json.dump({"settings": _portable(stage.settings, workdir), "summary": _portable(summary, workdir),
-                     "seconds": timings[stage.name]}, f, indent=2)
-        os.replace(tmp, os.path.join(stage_dir, STAGE_DONE))
-      _barrier(stage.name)
-      print(f"[{i}/{len(stages)}] {stage.name}: {timings[stage.name]:.0f} s", flush=True)
-    if stage.name == stop_after:
-      return {"stopped_after": stop_after, "timings": timings}
+  t_start = time.perf_counter()
+  timings = run_stages(plan(config, workdir), workdir, stop_after=stop_after)
+  if stop_after:
+    return {"stopped_after": stop_after, "timings": timings}
   rows = collect_results(config, workdir)
   out = {"results": os.path.join(workdir, RESULTS_FILE), "timings": timings,
          "seconds_this_run": time.perf_counter() - t_start}
   if jax.process_index() == 0:
-    _write_jsonl(out["results"], rows)
+    write_jsonl(out["results"], rows)
     from rlhf_jax import scaling_analysis
     out["analysis"] = scaling_analysis.analyse(workdir)
     if _with_evals(config):
@@ -465,7 +369,7 @@ def main_factory() -> Callable:
     workdir = workdir_flag.value or config_flag.value.workdir
     try:
       out = run_sweep(config_flag.value, workdir, stop_after=stop_flag.value)
-    except SweepInterrupted as e:
+    except StageInterrupted as e:
       print(f"interrupted: {e}")
       raise SystemExit(75)  # EX_TEMPFAIL: schedulers may requeue
     if "analysis" in out:

@@ -167,7 +167,10 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   def fresh():
     state, _ = create_train_state(init_fn, tx, mesh, jax.random.PRNGKey(config.train.seed), extra)
-    params = {"policy": jax.tree.map(jnp.copy, policy0.params)}
+    # init_policy_from (optional): start from another run's policy, e.g. the previous round's PPO
+    # policy in iterated online RLHF; the KL reference stays policy_from.
+    start = load_policy(config.init_policy_from, mesh).params if config.get("init_policy_from") else policy0.params
+    params = {"policy": jax.tree.map(jnp.copy, start)}
     if not shared:
       params["value"] = jax.tree.map(jnp.copy, pm.params)  # value model initialised from the PM
     return state.replace(params=params)

@@ -88,3 +88,16 @@ def tiny_runs(tmp_path_factory):
   config.init_from = lm
   train_pm.train(config, pm)
   return lm, pm
+
+
+def micro_online_config(**changes):
+  """The micro sweep's sizes and stages, two online rounds of 32 labels, few evaluation prompts."""
+  import ml_collections
+  c = micro_sweep_config()
+  del c["bon"], c["evals"]
+  c.online = ml_collections.ConfigDict({"rounds": 2, "pairs_per_round": 32, "agreement": 0.8, "seeds": (0,),
+                                        "eval_pairs": 8, "elo_prompts": 8})
+  c.labels.batch_size = 32
+  for key, value in changes.items():
+    c[key] = value
+  return c

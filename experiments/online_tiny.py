@@ -1,0 +1,24 @@
+"""Iterated online RLHF at the tiny sizes, CPU, offline (`python -m rlhf_jax.online
+--config=experiments/online_tiny.py`): the tiny sweep's models and gold PM, three rounds of 256
+gold-PM-labelled comparisons per arm (online vs static), shorter PM and PPO runs per round.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_sweep.py")
+  spec = importlib.util.spec_from_file_location("tiny_sweep", path)
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  c = tiny.get_config()
+  del c["bon"], c["evals"]  # not part of the online experiment
+  c.sizes = ("xs", "s")
+  train = lambda steps: {"steps": steps, "seq_len": 64, "eval_every": steps, "checkpoint_every": 50}
+  c.pm = ml_collections.ConfigDict({"train": train(80)})
+  c.rl.train = {"steps": 20, "eval_every": 20, "checkpoint_every": 10}
+  c.online = ml_collections.ConfigDict({"rounds": 3, "pairs_per_round": 256, "agreement": 0.7, "seeds": (0,)})
+  c.workdir = "runs/online_tiny"
+  return c
