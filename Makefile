@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= tiny  # for bench
 
-.PHONY: setup run test bench clean
+.PHONY: setup run online test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ setup: $(VENV)/.installed
 SWEEP ?= experiments/tiny_sweep.py
 run: setup
 	$(PY) -m rlhf_jax.sweep --config=$(SWEEP)
+
+# Iterated online RLHF at the tiny sizes (online vs static arms, three rounds): runs/online_tiny/.
+online: setup
+	$(PY) -m rlhf_jax.online --config=experiments/online_tiny.py
 
 test: setup
 	$(PY) -m pytest -q tests

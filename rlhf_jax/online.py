@@ -108,8 +108,10 @@ def _labels_stage(config, workdir: str, arm: str, size: str, seed: int, r: int) 
   initial, gold_dir = sweep.policy_dir(config, workdir, size), os.path.join(workdir, f"pm_{sweep.GOLD}")
   n = on.pairs_per_round
   sources = _sources(arm, r, n, on.mix_earlier, workdir, size, seed, initial)
-  settings = {"labels": config.labels.to_dict(), "online": on.to_dict(), "data": rl.data.to_dict(),
-              "prompt_len": rl.ppo.prompt_len, "sources": sorted(set(sources)), "seed": seed}
+  # Only what this round's labels depend on: more rounds or seeds later leave it valid.
+  settings = {"labels": config.labels.to_dict(), "data": rl.data.to_dict(), "prompt_len": rl.ppo.prompt_len,
+              "sources": sorted(set(sources)), "seed": seed,
+              **{k: on[k] for k in ("pairs_per_round", "agreement", "mix_earlier")}}
 
   def run(d):
     from rlhf_jax.train_ppo import load_policy, prompt_texts, same_tokenizer

@@ -31,8 +31,9 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
     groups.setdefault((r["size"], r["arm"], r["round"]), []).append(r)
+  size_order = {s: i for i, s in enumerate(dict.fromkeys(r["size"] for r in rows))}  # as configured
   out = []
-  for (size, arm, rnd), rs in sorted(groups.items()):
+  for (size, arm, rnd), rs in sorted(groups.items(), key=lambda kv: (size_order[kv[0][0]], *kv[0][1:])):
     row = {"size": size, "arm": arm, "round": rnd, "seeds": len(rs)}
     for m in METRICS:
       vals = np.array([r[m] for r in rs], np.float64)

@@ -101,3 +101,16 @@ def micro_online_config(**changes):
   for key, value in changes.items():
     c[key] = value
   return c
+
+
+@pytest.fixture(scope="session")
+def micro_online_dir(micro_sweep_dir, tmp_path_factory):
+  """A micro online run (2 rounds, both arms), run once per session; its base stages are copied
+  from the micro sweep (same settings, so they are skipped)."""
+  import shutil
+  from rlhf_jax import online
+  workdir = str(tmp_path_factory.mktemp("micro_online"))
+  for name in ("tokenizer", "lm_xs", "lm_gold", "sft_xs", "pm_gold", "tfds"):
+    shutil.copytree(os.path.join(micro_sweep_dir, name), os.path.join(workdir, name))
+  online.run_online(micro_online_config(), workdir)
+  return workdir

@@ -28,8 +28,9 @@ def test_notebook_is_stored_without_outputs():
   assert "RUN_DIR" in code[0].source and "RLHF_JAX_RESULTS_DIR" in code[0].source
 
 
-def test_notebook_executes_on_a_results_dir(results_dir, tmp_path, monkeypatch):
+def test_notebook_executes_on_a_results_dir(results_dir, micro_online_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("RLHF_JAX_RESULTS_DIR", str(results_dir))
+  monkeypatch.setenv("RLHF_JAX_ONLINE_DIR", str(micro_online_dir))
   # Kernel connection files and IPython's profile in tmp: nothing written to the home directory.
   monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter_runtime"))
   monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
@@ -39,10 +40,12 @@ def test_notebook_executes_on_a_results_dir(results_dir, tmp_path, monkeypatch):
   outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
   assert not [out for out in outputs if out.output_type == "error"]
   images = [out for out in outputs if "image/png" in out.get("data", {})]
-  assert len(images) == 7  # three analysis figures, the interactive gap plot, three evaluation figures
+  assert len(images) == 9  # three analysis figures, the interactive gap plot, three evaluation and two online figures
   assert any("text/markdown" in out.get("data", {}) and "| size | params |" in out["data"]["text/markdown"]
              for out in outputs)
   assert any("text/markdown" in out.get("data", {}) and "| after - before |" in out["data"]["text/markdown"]
+             for out in outputs)
+  assert any("text/markdown" in out.get("data", {}) and "| PM acc on policy |" in out["data"]["text/markdown"]
              for out in outputs)
   for name in ANALYSIS_FILES:
     path = results_dir / "analysis" / name

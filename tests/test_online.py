@@ -11,19 +11,6 @@ from conftest import micro_online_config
 from rlhf_jax import metrics, online
 from rlhf_jax.stages import STAGE_DONE, StageInterrupted
 
-BASE = ("tokenizer", "lm_xs", "lm_gold", "sft_xs", "pm_gold", "tfds")
-
-
-@pytest.fixture(scope="session")
-def micro_online_dir(micro_sweep_dir, tmp_path_factory):
-  """A micro online run (2 rounds, both arms), run once; its base stages are the micro sweep's
-  (same settings, so they are skipped)."""
-  workdir = str(tmp_path_factory.mktemp("micro_online"))
-  for name in BASE:
-    shutil.copytree(os.path.join(micro_sweep_dir, name), os.path.join(workdir, name))
-  online.run_online(micro_online_config(), workdir)
-  return workdir
-
 
 def _jsonl(path):
   with open(path) as f:
