@@ -109,3 +109,31 @@ def test_bad_online_settings_are_named(tmp_path):
     online.plan(micro_online_config(online={"roundz": 3}), str(tmp_path))
   with pytest.raises(ValueError, match="setup='gold_pm'"):
     online.plan(micro_online_config(setup="halves"), str(tmp_path))
+
+
+def test_round_options_wire_the_previous_rounds_runs(tmp_path):
+  w = str(tmp_path)
+  c = micro_online_config(online={"rounds": 3, "pm_init": "warm", "policy_init": "previous", "mix_earlier": 0.5})
+  stages = {s.name: s for s in online.plan(c, w)}
+  pm2 = stages[online.stage_name("pm", "online", "xs", 0, 2)].settings
+  ppo2 = stages[online.stage_name("ppo", "static", "xs", 0, 2)].settings
+  assert pm2["init_from"] == os.path.join(w, online.stage_name("pm", "online", "xs", 0, 1))
+  assert ppo2["init_policy_from"] == os.path.join(w, online.stage_name("ppo", "static", "xs", 0, 1))
+  assert ppo2["policy_from"] == os.path.join(w, "sft_xs")  # the KL reference stays the initial policy
+  assert "init_policy_from" not in stages[online.stage_name("ppo", "online", "xs", 0, 0)].settings
+  # mix_earlier = 0.5: round 2 samples from round 1's policy and from the earlier ones (initial, round 0)
+  sources = online._sources("online", 2, 400, 0.5, w, "xs", 0, os.path.join(w, "sft_xs"))
+  counts = {os.path.basename(s): sources.count(s) for s in set(sources)}
+  newest = online.stage_name("ppo", "online", "xs", 0, 1)
+  assert set(counts) == {newest, "sft_xs", online.stage_name("ppo", "online", "xs", 0, 0)}
+  assert abs(counts[newest] - 200) < 40  # Binomial(400, 1/2): sd 10
+  assert online._sources("static", 2, 5, 0.5, w, "xs", 0, "init") == ["init"] * 5
+
+
+def test_summary_is_the_mean_and_spread_over_seeds():
+  from rlhf_jax import online_analysis
+  rows = [{"size": "xs", "arm": "online", "round": 1, "seed": s, **{m: v for m in online_analysis.METRICS}}
+          for s, v in enumerate([1.0, 2.0, 4.0])]
+  (summary,) = online_analysis.summarise(rows)
+  assert summary["gold"] == pytest.approx(7 / 3) and summary["gold_sd"] == pytest.approx(np.std([1, 2, 4], ddof=1))
+  assert summary["seeds"] == 3 and "± " in online_analysis.table([summary])
