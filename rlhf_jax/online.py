@@ -131,14 +131,19 @@ def _labels_stage(config, workdir: str, arm: str, size: str, seed: int, r: int) 
       records += [{**x, "round": r, "source": os.path.basename(source)} for x in got]
       ties += report["ties_not_written"]
     records, report = apply_labeller(records, on.agreement, np.random.default_rng([seed, r, 7]))
-    union = [json.loads(line) for q in range(r) for line in open(
-        os.path.join(_dir(workdir, "labels", arm, size, seed, q), "labels.jsonl"), encoding="utf-8")]
+    union = [x for q in range(r) for x in _read_jsonl(os.path.join(_dir(workdir, "labels", arm, size, seed, q),
+                                                                  "labels.jsonl"))]
     if jax.process_index() == 0:
       write_jsonl(os.path.join(d, "labels.jsonl"), records)
       write_jsonl(os.path.join(d, "union.jsonl"), union + records)
     barrier(f"labels {arm} {size} {seed} {r}")
     return {**report, "num_pairs": len(records), "ties_not_written": ties, "labels_so_far": len(union) + len(records)}
   return Stage(stage_name("labels", arm, size, seed, r), settings, run)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def _sampling_kwargs(rl, tok) -> dict:
