@@ -186,7 +186,11 @@ class Transformer(nn.Module):
     embedding = self.param("embedding", nn.with_logical_partitioning(
         nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")),
                            (cfg.vocab_size, cfg.d_model), pdtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    # Look up in the table gathered over its embed axis (as FSDP gathers any weight) but still split
+    # over vocab: a gather from a table split on both axes makes XLA replicate the whole table
+    # ("involuntary full rematerialization").
+    table = nn.with_logical_constraint(embedding, ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     block = _block_class(cfg)

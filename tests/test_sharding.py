@@ -1,5 +1,6 @@
 """Sharded (8 fake CPU devices, mesh 2x2x2) against unsharded (1 device) training steps."""
 import dataclasses
+import os
 
 import jax
 import ml_collections
@@ -114,3 +115,51 @@ def test_shard_batch_splits_over_data_axes_and_rejects_ragged_batches():
   np.testing.assert_array_equal(np.asarray(x), np.arange(24).reshape(8, 3))
   with pytest.raises(ValueError, match="not divisible by the 4 data-parallel shards"):
     shd.shard_batch({"tokens": np.zeros((6, 3))}, mesh)
+
+
+_COMPILE_PM_STEP = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp
+import flax.linen as nn
+sys.path.insert(0, ".")
+from rlhf_jax import sharding as shd
+mesh = shd.make_mesh((2, 2, 2))
+if sys.argv[1] == "control":  # a bare lookup in a table split over vocab and embed
+  table = jax.ShapeDtypeStruct((1024, 64), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, jax.P("tensor", "fsdp")))
+  ids = jax.ShapeDtypeStruct((32, 64), jnp.int32, sharding=shd.batch_sharding(mesh))
+  out = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
+  jax.jit(lambda t, i: jnp.take(t, i, axis=0), out_shardings=out).lower(table, ids).compile()
+else:
+  from configs import pm as pm_config
+  from rlhf_jax.model import Transformer, init_params
+  from rlhf_jax.model_config import get_preset
+  from rlhf_jax.optimizer import make_optimizer
+  from rlhf_jax.pm import pm_train_step
+  from rlhf_jax.train_state import state_shardings
+  cfg = get_preset("tiny")
+  tx = make_optimizer(pm_config.get_config("tiny").optimizer, 10)
+  abstract, shardings = state_shardings(lambda r: init_params(cfg, r), tx, mesh)
+  bs = shd.batch_sharding(mesh)
+  batch = {"tokens": jax.ShapeDtypeStruct((16, 2, 64), jnp.int32, sharding=bs),
+           "attention_mask": jax.ShapeDtypeStruct((16, 2, 64), bool, sharding=bs),
+           "eoc_index": jax.ShapeDtypeStruct((16, 2), jnp.int32, sharding=bs)}
+  step = jax.jit(lambda s, b: pm_train_step(s, b, model=Transformer(cfg), tx=tx),
+                 in_shardings=(shardings, bs), out_shardings=(shardings, shd.replicated(mesh)))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+    step.lower(abstract, batch).compile()
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("what, warned", [("control", True), ("pm_step", False)])
+def test_pm_step_on_a_2x2x2_mesh_compiles_without_replicating_the_embedding(what, warned):
+  """XLA warns "Involuntary full rematerialization" when it must replicate a tensor to partition
+  an op; the control (a gather from a table split over vocab and embed) shows the warning is seen."""
+  import subprocess
+  import sys
+  root = os.path.join(os.path.dirname(__file__), os.pardir)
+  proc = subprocess.run([sys.executable, "-c", _COMPILE_PM_STEP, what], cwd=root, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-2000:]
+  assert ("Involuntary full rematerialization" in proc.stderr) == warned, proc.stderr[-2000:]
