@@ -46,7 +46,7 @@ def table(summary: Sequence[dict]) -> str:
   lines = ["| size | arm | round | labels | sqrt KL | proxy | gold | PM acc on policy | PM acc on initial | "
            "agreement | Elo |", "|---" * 11 + "|"]
   for s in summary:
-    cell = lambda m, f="{:.3f}": f.format(s[m]) + (f" ± {s[m + '_sd']:.3f}" if s["seeds"] > 1 else "")
+    cell = lambda m, f="{:.3f}": f.format(s[m]) + (" ± " + f.replace("+", "").format(s[m + "_sd"]) if s["seeds"] > 1 else "")
     lines.append(f"| {s['size']} | {s['arm']} | {s['round']} | {s['labels_so_far']:.0f} | {cell('sqrt_kl')} | "
                  f"{cell('proxy')} | {cell('gold')} | {cell('pm_acc_on_policy')} | {cell('pm_acc_on_initial')} | "
                  f"{cell('agreement')} | {cell('elo', '{:+.0f}')} |")
@@ -71,6 +71,7 @@ def gold_figure(summary: Sequence[dict]) -> Figure:
       for ax, x in zip(axes, ("round", "labels_so_far")):
         ax.errorbar([s[x] for s in ss], [s["gold"] for s in ss], yerr=[s["gold_sd"] for s in ss], fmt=style,
                     color=f"C{i}", capsize=3, label=f"{size} {arm}")
+  axes[0].set_xticks(sorted({s["round"] for s in summary}))
   for ax, label in zip(axes, ("round", "comparisons labelled so far")):
     ax.set_xlabel(label)
     ax.set_ylabel("gold PM reward (held-out prompts)")
@@ -88,6 +89,7 @@ def elo_figure(summary: Sequence[dict]) -> Figure:
       if ss:
         ax.errorbar([s["round"] for s in ss], [s["elo"] for s in ss], yerr=[s["elo_sd"] for s in ss], fmt=style,
                     color=f"C{i}", capsize=3, label=f"{size} {arm}")
+  ax.set_xticks(sorted({s["round"] for s in summary}))
   ax.set_xlabel("round")
   ax.set_ylabel("Elo judged by the gold PM (per size and seed, mean 0)")
   ax.legend(fontsize=7)
