@@ -37,7 +37,8 @@ from rlhf_jax import sharding as shd
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.simulated_labeller import expected_agreement, noisy_preferences, tau_for_agreement
-from rlhf_jax.stages import Stage, StageInterrupted, barrier, override, run_stages, trainer_stage, write_jsonl
+from rlhf_jax.stages import (Stage, barrier, exit_75_if_interrupted, override, run_stages, trainer_stage,
+                             write_jsonl)
 
 ONLINE_FILE = "online.jsonl"
 ARMS = ("online", "static")
@@ -298,11 +299,8 @@ def main_factory() -> Callable:
       logging.set_verbosity(logging.WARNING)
     if config_flag.value is None:
       cli.fail("--config is required, e.g. --config=experiments/online_tiny.py")
-    try:
-      out = run_online(config_flag.value, workdir_flag.value or config_flag.value.workdir, stop_after=stop_flag.value)
-    except StageInterrupted as e:
-      print(f"interrupted: {e}")
-      raise SystemExit(75)  # EX_TEMPFAIL: schedulers may requeue
+    workdir = workdir_flag.value or config_flag.value.workdir
+    out = exit_75_if_interrupted(run_online, config_flag.value, workdir, stop_after=stop_flag.value)
     if "analysis" in out:
       with open(out["analysis"]["table"], encoding="utf-8") as f:
         print(f.read())

@@ -135,3 +135,13 @@ def run_stages(stages: list[Stage], workdir: str, *, stop_after: str = "") -> di
     if stage.name == stop_after:
       break
   return timings
+
+
+def exit_75_if_interrupted(fn: Callable, *args, **kwargs):
+  """fn(*args, **kwargs) for an entry point; a preempted stage is one line and exit status 75
+  (EX_TEMPFAIL: schedulers may requeue the job, and the rerun resumes)."""
+  try:
+    return fn(*args, **kwargs)
+  except StageInterrupted as e:
+    print(f"interrupted: {e}")
+    raise SystemExit(75) from None

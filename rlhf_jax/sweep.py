@@ -40,8 +40,8 @@ from rlhf_jax import cli
 from rlhf_jax import sharding as shd
 from rlhf_jax.best_of_n import best_of_n
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.stages import (STAGE_DONE, Stage, StageInterrupted, override, run_stages, trainer_stage,  # noqa: F401
-                             write_jsonl, barrier)
+from rlhf_jax.stages import (STAGE_DONE, Stage, StageInterrupted, barrier, exit_75_if_interrupted,  # noqa: F401
+                             override, run_stages, trainer_stage, write_jsonl)
 from rlhf_jax.lm_data import train_eval_records
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.model_config import ModelConfig, get_preset, param_counts
@@ -367,11 +367,7 @@ def main_factory() -> Callable:
     if config_flag.value is None:
       cli.fail("--config is required, e.g. --config=experiments/tiny_sweep.py")
     workdir = workdir_flag.value or config_flag.value.workdir
-    try:
-      out = run_sweep(config_flag.value, workdir, stop_after=stop_flag.value)
-    except StageInterrupted as e:
-      print(f"interrupted: {e}")
-      raise SystemExit(75)  # EX_TEMPFAIL: schedulers may requeue
+    out = exit_75_if_interrupted(run_sweep, config_flag.value, workdir, stop_after=stop_flag.value)
     if "analysis" in out:
       with open(out["analysis"]["table"], encoding="utf-8") as f:
         print(f.read())

@@ -2,17 +2,8 @@
 import numpy as np
 import pytest
 
+from eval_fakes import CharTok
 from rlhf_jax.evals import bias_cloze
-
-
-class _Tok:
-  eos_id = 2
-
-  def encode(self, text):
-    return [ord(ch) for ch in text]
-
-  def decode(self, ids):
-    return "".join(chr(i) for i in ids)
 
 
 class _PlantedScorer:
@@ -23,7 +14,7 @@ class _PlantedScorer:
 
   def continuation_sums(self, requests, desc=""):
     self.calls += 1
-    tok = _Tok()
+    tok = CharTok()
     return np.array([self.base + self.planted.get((tok.decode(c), tok.decode(t)), 0.0) for c, t in requests])
 
 
@@ -33,7 +24,7 @@ TEMPLATES = ("The {occupation} was a", "The {occupation} is a")
 
 
 def test_symmetric_model_has_zero_bias():
-  r = bias_cloze.evaluate(_PlantedScorer(), _Tok(), OCC, PAIRS, TEMPLATES)
+  r = bias_cloze.evaluate(_PlantedScorer(), CharTok(), OCC, PAIRS, TEMPLATES)
   assert r["mean_abs_bias"] == 0.0 and set(r["per_occupation"].values()) == {0.0}
   assert r["mean_abs_bias_ci"] == [0.0, 0.0]
 
@@ -42,7 +33,7 @@ def test_planted_preference_gives_the_expected_sign_and_size():
   # "woman" after "The nurse was a" is 2 nats likelier; "boy" after "The engineer is a" 1 nat.
   planted = {("The nurse was a", " woman"): 2.0, ("The engineer is a", " boy"): 1.0}
   scorer = _PlantedScorer(planted)
-  r = bias_cloze.evaluate(scorer, _Tok(), OCC, PAIRS, TEMPLATES)
+  r = bias_cloze.evaluate(scorer, CharTok(), OCC, PAIRS, TEMPLATES)
   # Each occupation averages 2 templates x 2 pairs = 4 differences.
   assert r["per_occupation"] == pytest.approx({"nurse": 2.0 / 4, "engineer": -1.0 / 4, "baker": 0.0}, abs=1e-12)
   assert r["mean_abs_bias"] == pytest.approx((0.5 + 0.25) / 3, abs=1e-12)
@@ -55,7 +46,7 @@ def test_planted_preference_gives_the_expected_sign_and_size():
 def test_default_lists_and_plot(tmp_path):
   assert len(bias_cloze.OCCUPATIONS) == len(set(bias_cloze.OCCUPATIONS)) == 80
   assert len(bias_cloze.GENDER_PAIRS) == 12 and all(f != m for f, m in bias_cloze.GENDER_PAIRS)
-  r = bias_cloze.evaluate(_PlantedScorer({("The nurse was a", " woman"): 1.0}), _Tok(), OCC, PAIRS, TEMPLATES)
+  r = bias_cloze.evaluate(_PlantedScorer({("The nurse was a", " woman"): 1.0}), CharTok(), OCC, PAIRS, TEMPLATES)
   path = bias_cloze.plot(r, str(tmp_path / "bias.png"))
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -10,23 +10,13 @@ import sys
 import numpy as np
 import pytest
 
+from eval_fakes import CharTok
 from rlhf_jax.errors import DataError
 from rlhf_jax.evals import multiple_choice as mc
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 SAMPLE = os.path.join(ROOT, "rlhf_jax", "evals", "data", "mc_sample.jsonl")
 Z = 1.959963984540054
-
-
-class _CharTok:
-  """One token per character, so requests decode back to their text exactly."""
-  eos_id = 2
-
-  def encode(self, text):
-    return [ord(ch) for ch in text]
-
-  def decode(self, ids):
-    return "".join(chr(i) for i in ids)
 
 
 class _PlantedScorer:
@@ -37,7 +27,7 @@ class _PlantedScorer:
 
   def continuation_sums(self, requests, desc=""):
     self.calls.append(len(requests))
-    tok = _CharTok()
+    tok = CharTok()
     return np.array([self.planted[(tok.decode(c), tok.decode(t))] for c, t in requests], np.float64)
 
 
@@ -129,7 +119,7 @@ def test_acc_and_acc_norm_disagree_as_planted():
   sums = [[-9.0, -6.0], [-6.0, -9.0], [-3.0, -9.0], [-1.0, -3.8], [-2.0, -2.0], [-4.2, -3.5], [-8.0, -7.0]]
   planted = {(ex["context"], c): s for ex, row in zip(examples, sums) for c, s in zip(ex["choices"], row)}
   scorer = _PlantedScorer(planted)
-  r = mc.evaluate(scorer, _CharTok(), examples, name="hand")
+  r = mc.evaluate(scorer, CharTok(), examples, name="hand")
   assert scorer.calls == [14]
   assert r == {"name": "hand", "acc": 3 / 7, "acc_ci": mc.wilson(3, 7), "acc_norm": 4 / 7,
                "acc_norm_ci": mc.wilson(4, 7), "n": 7}

@@ -1,0 +1,12 @@
+"""Stand-ins the evaluation tests share."""
+
+
+class CharTok:
+  """One token per character, so requests decode back to their text exactly."""
+  eos_id = 2
+
+  def encode(self, text):
+    return [ord(ch) for ch in text]
+
+  def decode(self, ids):
+    return "".join(chr(i) for i in ids)

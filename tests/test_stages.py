@@ -1,0 +1,44 @@
+"""The shared stage runner on trivial stages: run once, skip, refuse changed settings, exit 75."""
+import json
+import os
+
+import pytest
+
+from rlhf_jax import stages
+
+
+def _stage(name, settings, calls):
+  def run(d):
+    calls.append(name)
+    with open(os.path.join(d, "out.txt"), "w") as f:
+      f.write(name)
+    return {"dir": d}
+  return stages.Stage(name, settings, run)
+
+
+def test_stages_run_once_record_portable_settings_and_refuse_changes(tmp_path, capsys):
+  w, calls = str(tmp_path), []
+  plan = [_stage("a", {"path": os.path.join(w, "x"), "n": 1}, calls), _stage("b", {"n": 2}, calls)]
+  stages.run_stages(plan, w)
+  assert calls == ["a", "b"]
+  with open(tmp_path / "a" / stages.STAGE_DONE) as f:
+    done = json.load(f)
+  assert done["settings"] == {"n": 1, "path": "<workdir>/x"} and done["summary"] == {"dir": "<workdir>/a"}
+  stages.run_stages(plan, w)
+  assert calls == ["a", "b"] and capsys.readouterr().out.count("skipped") == 2
+  with pytest.raises(ValueError, match=r"stage b finished with other settings: n 2 -> 3"):
+    stages.run_stages([plan[0], _stage("b", {"n": 3}, calls)], w)
+  calls.clear()
+  assert list(stages.run_stages([_stage("c", {}, calls), _stage("d", {}, calls)], w, stop_after="c")) == ["c"]
+  assert calls == ["c"]
+  with pytest.raises(ValueError, match="stop_after='e' is not a stage"):
+    stages.run_stages(plan, w, stop_after="e")
+
+
+def test_an_interrupted_stage_is_one_line_and_exit_75(capsys):
+  def preempted():
+    raise stages.StageInterrupted("stage ppo_xs stopped at step 3 of 4")
+  with pytest.raises(SystemExit) as e:
+    stages.exit_75_if_interrupted(preempted)
+  assert e.value.code == 75 and capsys.readouterr().out == "interrupted: stage ppo_xs stopped at step 3 of 4\n"
+  assert stages.exit_75_if_interrupted(lambda x: x + 1, 1) == 2
