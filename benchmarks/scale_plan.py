@@ -27,11 +27,18 @@ DEVICE_GIB = {"TPU v5e": 16, "TPU v4": 32, "H100": 80, "TPU v5p": 95, "H200": 14
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4,
                "f64": 8, "s64": 8, "u64": 8}
-# The standard plan: (devices, mesh (data, fsdp, tensor), presets) as a pod would split them.
+# The standard plan: (devices, mesh (data, fsdp, tensor), presets, remat ("" = the preset's), PM
+# micro-batches). Each size first as its preset stands, then with the choices that make it fit
+# (put into the presets and experiments/paper_sweep.py).
 PLAN = (
-    (8, (1, 8, 1), ("13m", "42m", "197m", "810m")),
-    (64, (1, 16, 4), ("2.7b", "13b", "52b")),
-    (256, (4, 16, 4), ("13b", "52b")),
+    (8, (1, 8, 1), ("13m", "42m", "197m", "810m"), "", 1),
+    (8, (1, 8, 1), ("810m",), "full", 4),
+    (32, (1, 32, 1), ("810m", "2.7b"), "", 1),
+    (32, (1, 32, 1), ("810m", "2.7b"), "full", 2),
+    (64, (1, 16, 4), ("2.7b", "13b", "52b"), "", 1),
+    (64, (1, 16, 4), ("13b",), "full", 4),
+    (64, (1, 16, 4), ("52b",), "", 4),
+    (256, (4, 16, 4), ("13b", "52b"), "", 1),
 )
 
 
@@ -57,7 +64,7 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
   return out
 
 
-def _compile_pm(cfg, mesh, batch: int, seq: int):
+def _compile_pm(cfg, mesh, batch: int, seq: int, grad_accum: int = 1):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -73,13 +80,14 @@ def _compile_pm(cfg, mesh, batch: int, seq: int):
   inputs = {"tokens": jax.ShapeDtypeStruct((batch, 2, seq), jnp.int32, sharding=bs),
             "attention_mask": jax.ShapeDtypeStruct((batch, 2, seq), bool, sharding=bs),
             "eoc_index": jax.ShapeDtypeStruct((batch, 2), jnp.int32, sharding=bs)}
-  step = jax.jit(lambda s, b: pm_train_step(s, b, model=Transformer(cfg), tx=tx),
+  step = jax.jit(lambda s, b: pm_train_step(s, b, model=Transformer(cfg), tx=tx, grad_accum=grad_accum),
                  in_shardings=(shardings, bs), out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=(0,))
   with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
     return step.lower(abstract, inputs).compile()
 
 
-def _compile_rollout(cfg, mesh, batch: int, seq: int):
+def _compile_rollout(cfg, mesh, batch: int, seq: int, grad_accum: int = 1):
+  del grad_accum  # sampling has no gradient
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -99,19 +107,21 @@ def _compile_rollout(cfg, mesh, batch: int, seq: int):
                           max_new_tokens=seq - prompt, eos_id=2).compile()
 
 
-def plan_one(preset: str, step: str, mesh_shape, batch: int, seq: int) -> dict:
+def plan_one(preset: str, step: str, mesh_shape, batch: int, seq: int, remat: str = "", grad_accum: int = 1) -> dict:
   import dataclasses
   from rlhf_jax import sharding as shd
   from rlhf_jax.model_config import get_preset, param_counts
   cfg = dataclasses.replace(get_preset(preset), dtype="bfloat16", scan_layers=True, max_seq_len=max(seq, 2048))
+  cfg = dataclasses.replace(cfg, remat=remat or cfg.remat)
   mesh = shd.make_mesh(mesh_shape)
   t0 = time.perf_counter()
-  compiled = (_compile_pm if step == "pm" else _compile_rollout)(cfg, mesh, batch, seq)
+  compiled = (_compile_pm if step == "pm" else _compile_rollout)(cfg, mesh, batch, seq, grad_accum)
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   return {"preset": preset, "step": step, "devices": int(mesh.devices.size), "mesh": list(mesh_shape),
           "batch": batch, "seq": seq, "params": param_counts(cfg)["total"], "remat": cfg.remat,
+          "grad_accum": grad_accum if step == "pm" else 1,
           "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
           "temp_bytes": int(mem.temp_size_in_bytes), "alias_bytes": int(mem.alias_size_in_bytes),
           "peak_bytes": int(peak), "compile_seconds": round(seconds, 2),
@@ -121,13 +131,13 @@ def plan_one(preset: str, step: str, mesh_shape, batch: int, seq: int) -> dict:
 
 def table(rows: list[dict]) -> str:
   gib = lambda b: f"{b / 2 ** 30:.2f}"
-  lines = ["| preset | step | devices (data, fsdp, tensor) | batch x seq | params+opt / device GiB | temporaries GiB | "
-           "peak GiB | all-gather n / GiB | reduce-scatter n / GiB | all-reduce n / GiB | compile s | fits |",
+  lines = ["| preset | step | devices (data, fsdp, tensor) | remat, micro-batches | params+opt / device GiB | "
+           "temporaries GiB | peak GiB | all-gather n / GiB | reduce-scatter n / GiB | all-reduce n / GiB | compile s | fits |",
            "|---" * 12 + "|"]
   for r in rows:
     c = r["collectives"]
     coll = lambda op: f"{c[op]['count']} / {gib(c[op]['bytes'])}"
-    lines.append(f"| {r['preset']} | {r['step']} | {r['devices']} {tuple(r['mesh'])} | {r['batch']} x {r['seq']} | "
+    lines.append(f"| {r['preset']} | {r['step']} | {r['devices']} {tuple(r['mesh'])} | {r['remat']}, {r['grad_accum']} | "
                  f"{gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | {gib(r['peak_bytes'])} | {coll('all-gather')} | "
                  f"{coll('reduce-scatter')} | {coll('all-reduce')} | {r['compile_seconds']} | "
                  f"{', '.join(r['fits']) or 'none'} |")
@@ -142,14 +152,17 @@ def main(argv=None) -> int:
   p.add_argument("--steps", default="pm,rollout")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seq", type=int, default=1024)
+  p.add_argument("--remat", default="", help="none|dots|full; default: the preset's")
+  p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per PM update")
   p.add_argument("--plan", action="store_true", help="run the standard plan, one process per mesh")
   p.add_argument("--out", default="", help="with --plan: write the Markdown table here")
   args = p.parse_args(argv)
   if args.plan:
     rows = []
-    for devices, mesh, presets in PLAN:
+    for devices, mesh, presets, remat, accum in PLAN:
       cmd = [sys.executable, __file__, f"--devices={devices}", f"--mesh={','.join(map(str, mesh))}",
-             f"--presets={','.join(presets)}", f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}"]
+             f"--presets={','.join(presets)}", f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}",
+             f"--remat={remat}", f"--grad_accum={accum}"]
       proc = subprocess.run(cmd, capture_output=True, text=True)
       if proc.returncode:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -168,7 +181,7 @@ def main(argv=None) -> int:
   mesh = tuple(int(x) for x in args.mesh.split(","))
   for preset in args.presets.split(","):
     for step in args.steps.split(","):
-      print(json.dumps(plan_one(preset, step, mesh, args.batch, args.seq)), flush=True)
+      print(json.dumps(plan_one(preset, step, mesh, args.batch, args.seq, args.remat, args.grad_accum)), flush=True)
   return 0
 
 

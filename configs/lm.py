@@ -40,6 +40,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict({
       "steps": 400 if tiny else 20000,
       "batch_size": 16 if tiny else 256,
+      "grad_accum": 1,  # micro-batches per update: activations of batch_size / grad_accum sequences
       "seq_len": 128 if tiny else 1024,
       "seed": 0,
       "log_every": 10,

@@ -14,6 +14,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   for key in ("objective", "distill", "init_from", "tokenizer"):
     del c[key]
   del c["model"]  # the policy's architecture is the one of policy_from
+  del c.train["grad_accum"]  # PPO splits its rollout batch with ppo.num_minibatches instead
   c.data.prompts_path = ""  # JSONL of {"prompt": ...}; "" = first Human turns of the hh-rlhf data
   c.policy_from = ""
   c.pm_dir = ""

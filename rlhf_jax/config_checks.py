@@ -50,8 +50,10 @@ def _model(model: dict, where: str) -> ModelConfig:
 
 def _check_common(config, kind: str) -> None:
   t = config.train
-  for key in TRAIN_COUNTS + (("seq_len",) if kind != "ppo" else ()):
+  for key in TRAIN_COUNTS + (("seq_len", "grad_accum") if kind != "ppo" else ()):
     _positive(t, key, "train")
+  if kind != "ppo" and t.batch_size % t.grad_accum:
+    raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
   if t.get("max_nonfinite_skips", 0) < 0:
     raise ConfigError(f"train.max_nonfinite_skips={t.max_nonfinite_skips}: must be >= 0")
   lr = config.optimizer.learning_rate

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as shd
+from rlhf_jax.grad_accumulation import accumulated_value_and_grad
 from rlhf_jax.model import Transformer
 from rlhf_jax.train_state import TrainState, keep_if_finite
 
@@ -64,14 +65,20 @@ def distill_loss(params, teacher_params, model: Transformer,
 
 
 def lm_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Transformer,
-                  tx: optax.GradientTransformation, teacher_params=None
+                  tx: optax.GradientTransformation, teacher_params=None, grad_accum: int = 1
                   ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One update on the LM loss, or on the distillation loss when teacher_params is given."""
+  """One update on the LM loss, or on the distillation loss when teacher_params is given; with
+  grad_accum > 1 over that many micro-batches, weighted by their token counts (exact)."""
   if teacher_params is None:
-    loss_fn = lambda p: lm_loss(p, model, batch)
+    loss_fn = lambda p, b: lm_loss(p, model, b)
   else:
-    loss_fn = lambda p: distill_loss(p, teacher_params, model, batch)
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss_fn = lambda p, b: distill_loss(p, teacher_params, model, b)
+  num_tokens = lambda b: target_weights(b["loss_mask"], b["attention_mask"]).sum()
+  (_, metrics), grads = accumulated_value_and_grad(loss_fn, state.params, batch, grad_accum, num_tokens)
+  if grad_accum > 1:  # token-weighted means are right for the losses; the count is a sum
+    metrics["num_tokens"] = num_tokens(batch)
+    if "perplexity" in metrics:
+      metrics["perplexity"] = jnp.exp(metrics["loss"])
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -90,17 +97,17 @@ def lm_eval_step(params, batch: dict[str, jax.Array], *, model: Transformer) -> 
 
 
 def jit_lm_train_step(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
-                      state_shardings: Any, *, distill: bool = False):
+                      state_shardings: Any, *, distill: bool = False, grad_accum: int = 1):
   """The step jitted once with explicit shardings; the old state's buffers are donated.
 
   Returns step(state, batch) for LM training, step(state, batch, teacher_params) when distilling.
   """
   if distill:
     step = lambda state, batch, teacher: lm_train_step(state, batch, model=model, tx=tx,
-                                                       teacher_params=teacher)
+                                                       teacher_params=teacher, grad_accum=grad_accum)
     in_shardings = (state_shardings, shd.batch_sharding(mesh), state_shardings.params)
   else:
-    step = lambda state, batch: lm_train_step(state, batch, model=model, tx=tx)
+    step = lambda state, batch: lm_train_step(state, batch, model=model, tx=tx, grad_accum=grad_accum)
     in_shardings = (state_shardings, shd.batch_sharding(mesh))
   return shd.under_mesh(jax.jit(step, in_shardings=in_shardings,
                                 out_shardings=(state_shardings, shd.replicated(mesh)),

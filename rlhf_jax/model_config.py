@@ -72,8 +72,10 @@ PRESETS: dict[str, ModelConfig] = {
                         mlp_dim=8704, scan_layers=True),
     "13b": ModelConfig(d_model=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
                        mlp_dim=13824, scan_layers=True, remat="dots"),
+    # remat "full": the PM step of 64 x 2 x 1024 tokens then fits an H100 or a TPU v4 on 64 chips
+    # (about 22 GiB a chip with 4 micro-batches; benchmarks/scale_plan.py, RESULTS.md).
     "52b": ModelConfig(d_model=8192, num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128,
-                       mlp_dim=26624, scan_layers=True, remat="dots"),
+                       mlp_dim=26624, scan_layers=True, remat="full"),
 }
 
 

@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding as shd
+from rlhf_jax.grad_accumulation import accumulated_value_and_grad
 from rlhf_jax.lm import target_weights, token_log_probs
 from rlhf_jax.model import Transformer, read_at
 from rlhf_jax.train_state import TrainState, keep_if_finite
@@ -69,9 +70,11 @@ def pm_metrics(scores: jax.Array) -> dict[str, jax.Array]:
 
 
 def pm_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Transformer,
-                  tx: optax.GradientTransformation, lm_weight: float = 0.0):
-  (_, metrics), grads = jax.value_and_grad(pm_loss, has_aux=True)(state.params, model, batch,
-                                                                   lm_weight=lm_weight)
+                  tx: optax.GradientTransformation, lm_weight: float = 0.0, grad_accum: int = 1):
+  """One update; with grad_accum > 1 over that many equal micro-batches of comparisons (exact for
+  the preference loss; the optional LM term becomes a mean of micro-batch token means)."""
+  loss_fn = lambda p, b: pm_loss(p, model, b, lm_weight=lm_weight)
+  (_, metrics), grads = accumulated_value_and_grad(loss_fn, state.params, batch, grad_accum)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -82,8 +85,9 @@ def pm_train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Tran
 
 
 def jit_pm_train_step(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
-                      state_shardings: Any, *, lm_weight: float = 0.0):
-  step = lambda state, batch: pm_train_step(state, batch, model=model, tx=tx, lm_weight=lm_weight)
+                      state_shardings: Any, *, lm_weight: float = 0.0, grad_accum: int = 1):
+  step = lambda state, batch: pm_train_step(state, batch, model=model, tx=tx, lm_weight=lm_weight,
+                                            grad_accum=grad_accum)
   return shd.under_mesh(jax.jit(step, in_shardings=(state_shardings, shd.batch_sharding(mesh)),
                                 out_shardings=(state_shardings, shd.replicated(mesh)),
                                 donate_argnums=(0,)), mesh)

@@ -21,6 +21,9 @@ from rlhf_jax.checkpointing import Checkpointer
 from rlhf_jax.errors import ConfigError
 
 STAGE_DONE = "stage_done.json"
+# Settings added after stages may have finished without them, with the value that reproduces the
+# old behaviour: a finished stage whose record lacks one is not stale while it keeps that value.
+ADDED_WITH_NEUTRAL_DEFAULT = {"train.grad_accum": 1}
 
 
 class StageInterrupted(RuntimeError):
@@ -99,8 +102,11 @@ def done_record(stage_dir: str, stage: Stage, workdir: str) -> Optional[dict]:
   with open(path, encoding="utf-8") as f:
     done = json.load(f)
   now = portable(stage.settings, workdir)
-  if done["settings"] != now:
-    diff = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in _differences(done["settings"], now).items())
+  neutral = lambda key, old, new: old is None and any(
+      (key == k or key.endswith("." + k)) and new == v for k, v in ADDED_WITH_NEUTRAL_DEFAULT.items())
+  changed = {k: ab for k, ab in _differences(done["settings"], now).items() if not neutral(k, *ab)}
+  if changed:
+    diff = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
     raise ConfigError(f"{path}: stage {stage.name} finished with other settings: {diff}; use another "
                       f"workdir, or delete {stage_dir} to rerun it")
   return done

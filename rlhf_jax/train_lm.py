@@ -53,7 +53,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     teacher = jax.tree.map(lambda x: x.copy(), teacher)  # the step donates the state's buffers
   state = loop.resume_or(s, lambda: fresh)
 
-  train_step = lm.jit_lm_train_step(s.model, s.tx, s.mesh, s.shardings, distill=teacher is not None)
+  train_step = lm.jit_lm_train_step(s.model, s.tx, s.mesh, s.shardings, distill=teacher is not None,
+                                    grad_accum=config.train.grad_accum)
   eval_step = lm.jit_lm_eval_step(s.model, s.mesh, s.shardings.params)
   prefix = np.asarray(data.tokenizer.encode(config.distill.prompt), np.int32)
 

@@ -42,7 +42,8 @@ def _stage(config, workdir: str) -> dict[str, Any]:
   train_data, eval_data = make(train_recs), make(eval_recs)
   s = loop.setup(config, workdir)
   state = loop.resume_or(s, lambda: loop.initial_state(config, s))
-  train_step = pm.jit_pm_train_step(s.model, s.tx, s.mesh, s.shardings, lm_weight=config.lm_weight)
+  train_step = pm.jit_pm_train_step(s.model, s.tx, s.mesh, s.shardings, lm_weight=config.lm_weight,
+                                    grad_accum=config.train.grad_accum)
   score_step = pm.jit_pm_score_step(s.model, s.mesh, s.shardings.params)
 
   def evaluate(params):

@@ -42,3 +42,12 @@ def test_an_interrupted_stage_is_one_line_and_exit_75(capsys):
     stages.exit_75_if_interrupted(preempted)
   assert e.value.code == 75 and capsys.readouterr().out == "interrupted: stage ppo_xs stopped at step 3 of 4\n"
   assert stages.exit_75_if_interrupted(lambda x: x + 1, 1) == 2
+
+
+def test_a_setting_added_later_at_its_neutral_default_keeps_finished_stages(tmp_path):
+  w, calls = str(tmp_path), []
+  stages.run_stages([_stage("lm", {"train": {"steps": 5}}, calls)], w)
+  stages.run_stages([_stage("lm", {"train": {"steps": 5, "grad_accum": 1}}, calls)], w)  # same behaviour
+  assert calls == ["lm"]
+  with pytest.raises(ValueError, match=r"train.grad_accum None -> 2"):
+    stages.run_stages([_stage("lm", {"train": {"steps": 5, "grad_accum": 2}}, calls)], w)
