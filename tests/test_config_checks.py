@@ -49,6 +49,7 @@ def test_the_shipped_configs_pass(tmp_path):
     ("ppo", "ppo.rollout_batch", 0), ("ppo", "ppo.num_minibatches", 3), ("ppo", "ppo.epochs", 0),
     ("ppo", "ppo.prompt_len", 0), ("ppo", "ppo.max_new_tokens", -2), ("ppo", "ppo.max_new_tokens", 2040),
     ("ppo", "value_from", "policy"), ("ppo", "data.eval_fraction", 2.0),
+    ("lm", "train.grad_accum", 0), ("pm", "train.grad_accum", 3),  # 16 comparisons do not split in 3
 ])
 def test_each_impossible_setting_is_named(kind, field, value, tmp_path):
   config = {"lm": lm_config, "pm": pm_config}[kind].get_config("tiny") if kind != "ppo" else _ppo(tmp_path)
