@@ -47,6 +47,22 @@ def peak_matmul_flops(dtype: str, n: int) -> float:
   return 2 * n ** 3 / _median_seconds(lambda: f(a, b), 5)
 
 
+def peak_bandwidth(megabytes: int) -> float:
+  """Bytes/s of a streaming read + write of a large array (the decode roofline's memory ceiling)."""
+  x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+  f = jax.jit(lambda v: v * 2.0)
+  jax.block_until_ready(f(x))
+  return 2 * x.nbytes / _median_seconds(lambda: f(x), 5)
+
+
+def decode_bytes_per_step(cfg, batch: int, cache_len: float) -> float:
+  """Bytes one decode step must read at least: every parameter (in its stored dtype) and the
+  keys and values of cache_len slots for every sequence."""
+  param_bytes = param_counts(cfg)["total"] * jnp.dtype(cfg.param_dtype).itemsize
+  kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  return param_bytes + batch * cache_len * kv
+
+
 def bench_train(cfg, batch: int, seq: int, steps: int) -> dict:
   mesh = shd.make_mesh((1, -1, 1))
   opt = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_steps=0, final_lr_fraction=1.0,
@@ -94,24 +110,30 @@ def main():
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--new_tokens", type=int, default=64)
   p.add_argument("--matmul_n", type=int, default=2048)
+  p.add_argument("--bandwidth_mb", type=int, default=256, help="array size of the bandwidth measurement")
+  p.add_argument("--skip_train", action="store_true", help="decode only (e.g. a sweep over decode batches)")
   p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
   args = p.parse_args()
 
   cfg = get_preset(args.preset)
   if args.dtype:
     cfg = dataclasses.replace(cfg, dtype=args.dtype)
-  peak = peak_matmul_flops(cfg.dtype, args.matmul_n)
-  train = bench_train(cfg, args.batch, args.seq, args.steps)
+  result = {"device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
+            "preset": args.preset, "dtype": cfg.dtype, "params_total": param_counts(cfg)["total"]}
+  if not args.skip_train:
+    peak = peak_matmul_flops(cfg.dtype, args.matmul_n)
+    train = bench_train(cfg, args.batch, args.seq, args.steps)
+    model_flops = flops_per_token(cfg, args.seq) * train["tokens_per_s"]
+    result |= {"batch": args.batch, "seq": args.seq, **train, "model_tflops_per_s": model_flops / 1e12,
+               "peak_tflops_per_s": peak / 1e12, "mfu": model_flops / peak}
   decode = bench_decode(cfg, args.decode_batch, args.prompt_len, args.new_tokens, 3)
-  model_flops = flops_per_token(cfg, args.seq) * train["tokens_per_s"]
-  result = {
-      "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-      "jax": jax.__version__, "preset": args.preset, "dtype": cfg.dtype,
-      "params_total": param_counts(cfg)["total"], "batch": args.batch, "seq": args.seq,
-      **train, "model_tflops_per_s": model_flops / 1e12, "peak_tflops_per_s": peak / 1e12,
-      "mfu": model_flops / peak, "decode_batch": args.decode_batch, "prompt_len": args.prompt_len,
-      "new_tokens": args.new_tokens, **decode,
-  }
+  bandwidth = peak_bandwidth(args.bandwidth_mb)
+  # The roofline at the mean cache length over the generated tokens.
+  step_bytes = decode_bytes_per_step(cfg, args.decode_batch, args.prompt_len + args.new_tokens / 2)
+  roofline = args.decode_batch * bandwidth / step_bytes
+  result |= {"decode_batch": args.decode_batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+             **decode, "bandwidth_gb_per_s": bandwidth / 1e9, "decode_roofline_tokens_per_s": roofline,
+             "decode_roofline_fraction": decode["decode_tokens_per_s"] / roofline}
   report(result, args.json)
 
 
