@@ -1,4 +1,4 @@
-"""AOT scale plan: compile the PM train step and rollout generation of a preset on a simulated
+"""AOT scale plan: compile the PM train step, rollout generation and the PPO update of a preset on a simulated
 mesh of CPU devices, with abstract inputs (nothing allocated), and report per-device memory and
 the collectives XLA inserted.
 
@@ -107,6 +107,44 @@ def _compile_rollout(cfg, mesh, batch: int, seq: int, grad_accum: int = 1):
                           max_new_tokens=seq - prompt, eos_id=2).compile()
 
 
+def _compile_ppo_update(cfg, mesh, batch: int, seq: int, grad_accum: int = 1):
+  """One PPO update (2 epochs x 4 minibatches) of a policy and a separate value model of the
+  preset's shape on a rollout of `batch` prompts of seq / 2 tokens plus seq / 2 response tokens."""
+  del grad_accum  # PPO's memory knob is ppo.num_minibatches
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from configs import ppo as ppo_config
+  from rlhf_jax import sharding as shd
+  from rlhf_jax.model import Transformer, init_params
+  from rlhf_jax.optimizer import make_optimizer
+  from rlhf_jax.ppo_steps import Models, PPOHyper, ppo_update, score_rollout
+  from rlhf_jax.sampling import Generation
+  from rlhf_jax.train_state import state_shardings
+  tx = make_optimizer(ppo_config.get_config("13m").optimizer, 1000)
+  init = lambda r: {"policy": init_params(cfg, r), "value": init_params(cfg, r)}
+  abstract, shardings = state_shardings(init, tx, mesh, {"kl_coef": jnp.float32(0.0)})
+  models = Models(Transformer(cfg), Transformer(cfg), Transformer(cfg))
+  hyper = PPOHyper(1.0, 0.95, 0.2, 0.2, 0.5, 0.0, 2, 4, True)
+  bs = shd.batch_sharding(mesh)
+  half = seq // 2
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=bs)
+  gen = Generation(spec((batch, half), jnp.int32), spec((batch, half), bool), spec((batch, half), jnp.int32),
+                   spec((batch, half), jnp.float32), spec((batch, half), bool), spec((batch,), jnp.int32))
+  score = lambda params, g: score_rollout(params, params["policy"], params["policy"], g, 0.0, 0.0, 1.0,
+                                         models=models, hyper=hyper, eoc_id=3)[0]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+    rollout = jax.eval_shape(score, abstract.params, gen)
+  rollout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bs if x.ndim else shd.replicated(mesh)),
+                         rollout)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(mesh))
+  step = jax.jit(lambda s, r, k: ppo_update(s, r, k, models=models, hyper=hyper, tx=tx),
+                 in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, rollout), shd.replicated(mesh)),
+                 donate_argnums=(0,))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+    return step.lower(abstract, rollout, key).compile()
+
+
 def plan_one(preset: str, step: str, mesh_shape, batch: int, seq: int, remat: str = "", grad_accum: int = 1) -> dict:
   import dataclasses
   from rlhf_jax import sharding as shd
@@ -115,7 +153,8 @@ def plan_one(preset: str, step: str, mesh_shape, batch: int, seq: int, remat: st
   cfg = dataclasses.replace(cfg, remat=remat or cfg.remat)
   mesh = shd.make_mesh(mesh_shape)
   t0 = time.perf_counter()
-  compiled = (_compile_pm if step == "pm" else _compile_rollout)(cfg, mesh, batch, seq, grad_accum)
+  compile_fn = {"pm": _compile_pm, "rollout": _compile_rollout, "ppo_update": _compile_ppo_update}[step]
+  compiled = compile_fn(cfg, mesh, batch, seq, grad_accum)
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
@@ -149,7 +188,7 @@ def main(argv=None) -> int:
   p.add_argument("--devices", type=int, default=8)
   p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor")
   p.add_argument("--presets", default="810m")
-  p.add_argument("--steps", default="pm,rollout")
+  p.add_argument("--steps", default="pm,rollout,ppo_update")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seq", type=int, default=1024)
   p.add_argument("--remat", default="", help="none|dots|full; default: the preset's")

@@ -41,3 +41,15 @@ def test_collective_parser_counts_ops_and_result_bytes():
   assert stats["all-reduce"] == {"count": 1, "bytes": 256 * 4}  # the async pair counted once
   assert stats["reduce-scatter"] == {"count": 1, "bytes": 32 * 4}
   assert stats["all-to-all"]["count"] == 0
+
+
+def test_ppo_update_holds_policy_and_value_state_split_over_devices():
+  proc = subprocess.run([sys.executable, "benchmarks/scale_plan.py", "--devices=8", "--mesh=1,8,1", "--presets=13m",
+                         "--steps=ppo_update", "--batch=16", "--seq=64"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  # policy + value, each float32 params + two AdamW moments, over 8 devices; plus the rollout's
+  # shard (16 x 64 positions of a few arrays: well under 1 MB).
+  expected = 2 * 12 * row["params"] / 8
+  assert expected <= row["argument_bytes"] <= expected + 2 ** 20
