@@ -43,15 +43,20 @@ class RMSNorm(nn.Module):
   eps: float
   dtype: Any
   param_dtype: Any
+  offset: float = 0.0  # the gain is offset + scale (Gemma: 1 + scale, scale initialised to 0)
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+    init = nn.initializers.ones if self.offset == 0 else nn.initializers.constant(1.0 - self.offset)
+    scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)),
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     # Normalise in float32: bf16 mean-of-squares loses precision at large d_model.
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    gain = scale.astype(jnp.float32)
+    if self.offset:
+      gain = self.offset + gain
+    return (y * gain).astype(self.dtype)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -113,6 +118,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+  """Gated MLP: SwiGLU, or GeGLU with the tanh-approximated GELU (Gemma) by cfg.mlp_activation."""
   cfg: ModelConfig
 
   @nn.compact
@@ -125,7 +131,8 @@ class SwiGLU(nn.Module):
     gate = self.param("w_gate", w_in, (cfg.d_model, cfg.mlp_dim), pdtype).astype(dtype)
     up = self.param("w_up", w_in, (cfg.d_model, cfg.mlp_dim), pdtype).astype(dtype)
     down = self.param("w_down", w_out, (cfg.mlp_dim, cfg.d_model), pdtype).astype(dtype)
-    h = jax.nn.silu(x @ gate) * (x @ up)
+    act = jax.nn.silu if cfg.mlp_activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+    h = act(x @ gate) * (x @ up)
     return h @ down
 
 
@@ -136,7 +143,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_index):
     cfg = self.cfg
-    norm = functools.partial(RMSNorm, cfg.norm_eps, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
+    norm = functools.partial(RMSNorm, cfg.norm_eps, _dtype(cfg.dtype), _dtype(cfg.param_dtype), cfg.norm_offset)
     h, new_cache = Attention(cfg, name="attn")(norm(name="attn_norm")(x), positions, mask,
                                                layer_cache, cache_index)
     x = x + h
@@ -191,6 +198,8 @@ class Transformer(nn.Module):
     # ("involuntary full rematerialization").
     table = nn.with_logical_constraint(embedding, ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(dtype)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     block = _block_class(cfg)
@@ -207,7 +216,7 @@ class Transformer(nn.Module):
         if cache is not None:
           new_cache.append(layer_cache)
 
-    hidden = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
+    hidden = RMSNorm(cfg.norm_eps, dtype, pdtype, cfg.norm_offset, name="final_norm")(x)
     logits = None
     if lm_head:
       # float32 accumulation: log-probs feed PPO ratios and KL, where bf16 rounding is visible.

@@ -23,6 +23,10 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  # Variants of the same architecture, for imported checkpoints (rlhf_jax.hf); defaults are Llama's.
+  mlp_activation: str = "silu"  # gate of the gated MLP: "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)
+  scale_embeddings: bool = False  # embeddings times sqrt(d_model) (Gemma)
+  norm_offset: float = 0.0  # RMSNorm multiplies by norm_offset + scale (Gemma stores scale - 1: 1.0)
   dtype: str = "float32"  # compute dtype: "bfloat16" for speed on accelerators
   param_dtype: str = "float32"
   scan_layers: bool = False  # nn.scan over layers: constant compile time in depth
@@ -36,6 +40,8 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+    if self.mlp_activation not in ("silu", "gelu_tanh"):
+      raise ValueError(f"mlp_activation={self.mlp_activation!r}: expected 'silu' or 'gelu_tanh'")
     if self.attention_impl not in ("xla", "cudnn"):
       raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'cudnn'")
 

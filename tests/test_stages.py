@@ -51,3 +51,15 @@ def test_a_setting_added_later_at_its_neutral_default_keeps_finished_stages(tmp_
   assert calls == ["lm"]
   with pytest.raises(ValueError, match=r"train.grad_accum None -> 2"):
     stages.run_stages([_stage("lm", {"train": {"steps": 5, "grad_accum": 2}}, calls)], w)
+
+
+def test_model_variants_added_for_imports_keep_finished_stages(tmp_path):
+  # A trainer stage's settings hold the model section; the fields added for imported checkpoints
+  # (rlhf_jax.hf) at Llama's values are the old behaviour, so finished stages stay done.
+  w, calls = str(tmp_path), []
+  stages.run_stages([_stage("pm", {"model": {"d_model": 8}}, calls)], w)
+  same = {"d_model": 8, "mlp_activation": "silu", "scale_embeddings": False, "norm_offset": 0.0}
+  stages.run_stages([_stage("pm", {"model": same}, calls)], w)
+  assert calls == ["pm"]
+  with pytest.raises(ValueError, match=r"model.norm_offset None -> 1.0"):
+    stages.run_stages([_stage("pm", {"model": dict(same, norm_offset=1.0)}, calls)], w)
