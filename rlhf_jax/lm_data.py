@@ -6,7 +6,6 @@ out for evaluation (`data.eval_fraction`); with the real train split, set data.e
 from __future__ import annotations
 
 import os
-import shutil
 from typing import NamedTuple
 
 import numpy as np
@@ -84,7 +83,7 @@ def load_or_train_tokenizer(config, texts: list[str], workdir: str) -> Tokenizer
     tok = Tokenizer(path) if os.path.exists(path) else train_tokenizer(texts, config.model.vocab_size, workdir)
   own = os.path.join(workdir, MODEL_FILE)
   if os.path.abspath(tok.path) != os.path.abspath(own):
-    shutil.copyfile(tok.path, own)  # every run directory is self-contained: later stages inherit it
+    tok.copy_to(workdir)  # every run directory is self-contained: later stages inherit it
   if tok.vocab_size != config.model.vocab_size:
     raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size is "
                      f"{config.model.vocab_size}")
