@@ -13,6 +13,7 @@ import os
 import ml_collections
 
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.hf import config as hf_config
 from rlhf_jax.model_config import ModelConfig, get_preset
 
 TRAIN_COUNTS = ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
@@ -27,10 +28,12 @@ def _positive(section, key: str, where: str) -> None:
 
 
 def run_model(run_dir: str, field: str) -> dict:
-  """The `model` section of a finished run's config.json; `field` names the setting that points
-  there, for the error."""
+  """The `model` section of a finished run's config.json (or of a HuggingFace model's, for
+  `hf:DIR`); `field` names the setting that points there, for the error."""
   if not run_dir:
     raise ConfigError(f"{field} is not set: it must name a finished run directory")
+  if run_dir.startswith(hf_config.PREFIX):  # a HuggingFace directory, imported when the run starts
+    return hf_config.model_of_reference(run_dir, field)
   path = os.path.join(run_dir, "config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"{field}={run_dir}: no config.json there (not a run directory)")

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import cli, config_checks, lm
+from rlhf_jax.hf import runs as hf_runs
 from rlhf_jax import loop
 from rlhf_jax import sharding as shd
 from rlhf_jax.lm_data import LMData, build_lm_data
@@ -40,6 +41,7 @@ def evaluate(eval_step, params, data: LMData, mesh) -> dict[str, float]:
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming if a checkpoint exists); returns the last metrics."""
   config_checks.validate(config, "lm")
+  config = hf_runs.resolve(config, workdir, ("init_from",))  # hf:DIR -> its imported run directory
   config = config_checks.inherit_model_config(config)
   os.makedirs(workdir, exist_ok=True)
   data = build_lm_data(config, workdir)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax import cli, config_checks, loop, pm
+from rlhf_jax.hf import runs as hf_runs
 from rlhf_jax import sharding as shd
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.lm_data import load_or_train_tokenizer, train_eval_records
@@ -59,6 +60,7 @@ def _stage(config, workdir: str) -> dict[str, Any]:
 
 def train(config, workdir: str) -> dict[str, Any]:
   config_checks.validate(config, "pm")
+  config = hf_runs.resolve(config, workdir, ("init_from",))  # hf:DIR -> its imported run directory
   if config.pmp.path and config.pmp.steps <= 0:
     raise ConfigError(f"pmp.steps={config.pmp.steps}: must be positive when pmp.path is set")
   config = config_checks.inherit_model_config(config)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import cli, config_checks, loop, ppo
+from rlhf_jax.hf import runs as hf_runs
 from rlhf_jax import sharding as shd
 from rlhf_jax.batching import Batcher, Encoded
 from rlhf_jax.calibration import load_normalisation
@@ -137,6 +138,7 @@ def _hyper(c) -> PPOHyper:
 
 def train(config, workdir: str) -> dict[str, Any]:
   config_checks.validate(config, "ppo")
+  config = hf_runs.resolve(config, workdir, ("policy_from", "init_policy_from"))  # hf:DIR: imported
   os.makedirs(workdir, exist_ok=True)
   mesh = shd.make_mesh(config.mesh.shape)
   c = config.ppo

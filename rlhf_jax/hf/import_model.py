@@ -1,0 +1,41 @@
+"""Imports a HuggingFace model directory as an rlhf_jax run directory.
+
+  python -m rlhf_jax.hf.import_model --hf_dir=DIR --out=RUN [--scan_layers] [--remat=dots]
+      [--dtype=bfloat16] [--mesh=1,-1,1]
+
+RUN can then be named wherever a run starts from another (init_from, policy_from). Trainers do
+this themselves for `hf:DIR`; the command is for importing once, ahead of time, with the runtime
+settings (dtype, scan_layers, remat, ...) the later runs will use.
+"""
+from __future__ import annotations
+
+from absl import flags, logging
+
+from rlhf_jax import cli
+from rlhf_jax.hf import runs
+
+
+def main_factory():
+  hf_flag = flags.DEFINE_string("hf_dir", None, "HuggingFace model directory.", required=True)
+  out_flag = flags.DEFINE_string("out", None, "Run directory to create.", required=True)
+  dtype_flag = flags.DEFINE_string("dtype", "float32", "Compute dtype of later runs.")
+  param_dtype_flag = flags.DEFINE_string("param_dtype", "float32", "Stored parameter dtype.")
+  scan_flag = flags.DEFINE_bool("scan_layers", False, "Stack the layers for nn.scan.")
+  remat_flag = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Activation checkpointing.")
+  attention_flag = flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "Attention implementation.")
+  mesh_flag = flags.DEFINE_list("mesh", ["1", "-1", "1"], "Mesh (data, fsdp, tensor) to load onto.")
+
+  def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    runtime = {"dtype": dtype_flag.value, "param_dtype": param_dtype_flag.value, "scan_layers": scan_flag.value,
+               "remat": remat_flag.value, "attention_impl": attention_flag.value}
+    out = runs.import_model(hf_flag.value, out_flag.value, runtime, tuple(int(x) for x in mesh_flag.value))
+    print(f"imported: {out} (use it as --config.init_from={out} or --config.policy_from={out})")
+
+  return main
+
+
+if __name__ == "__main__":
+  cli.run(main_factory())
