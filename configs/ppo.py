@@ -18,6 +18,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data.prompts_path = ""  # JSONL of {"prompt": ...}; "" = first Human turns of the hh-rlhf data
   c.policy_from = ""
   c.pm_dir = ""
+  c.algorithm = "ppo"  # "ppo" (value model + GAE) | "rloo" | "grpo" (critic-free: groups of
+  #                      ppo.samples_per_prompt samples per prompt, rlhf_jax.critic_free)
   c.value_from = "pm"  # "pm": a separate value network initialised from the PM; "shared": the
   #                      policy's trunk with its scalar head as the value head
   c.kl = ml_collections.ConfigDict({
@@ -27,7 +29,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "horizon": 10000,
   })
   c.ppo = ml_collections.ConfigDict({
-      "rollout_batch": 16 if tiny else 512,  # prompts per iteration
+      "rollout_batch": 16 if tiny else 512,  # sequences per iteration
+      "samples_per_prompt": 1,  # >= 2 for rloo / grpo: rollout_batch / this many prompts each time
       "num_minibatches": 2 if tiny else 8,
       "epochs": 2 if tiny else 4,
       "prompt_len": 32 if tiny else 256,

@@ -30,6 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
                                         "temperature": 1.0, "batch_size": 512, "seed": 0})
   c.rl = ml_collections.ConfigDict({"train": {"eval_every": 25}})
   c.bon = ml_collections.ConfigDict({"ns": (1, 2, 4, 8, 16, 32, 64, 128, 256), "num_prompts": 256, "seed": 0})
+  # Every method on one frontier: RLOO / GRPO with the rl settings and 4 samples of each of 128
+  # prompts per iteration (PPO's 512 sequences), DPO on the proxy PMs' 50k gold-labelled pairs.
+  c.methods = ("ppo", "rloo", "grpo", "dpo")
+  c.rloo = ml_collections.ConfigDict({"ppo": {"samples_per_prompt": 4}})
+  c.grpo = ml_collections.ConfigDict({"ppo": {"samples_per_prompt": 4}})
+  c.dpo = ml_collections.ConfigDict({"betas": (0.03, 0.1, 0.3), "loss": "dpo",
+                                     "train": {"steps": 1500, "eval_every": 100, "checkpoint_every": 500}})
   # Every evaluation on whole data sets (BBQ from $RLHF_JAX_EVALS_DIR or ../shared/data/evals); add
   # MMLU, ARC, ... converted with `python -m rlhf_jax.evals.multiple_choice convert` to mc.tasks.
   c.evals = ml_collections.ConfigDict({"suites": "bias_cloze,winogender,bbq,ood,mc,elo", "full": True,

@@ -48,6 +48,18 @@ def get_config() -> ml_collections.ConfigDict:
       "kl": {"coef": 0.001},
       "eval": {"num_prompts": 64},
   })
+  # Every RL method on the same frontier (rlhf_jax.method_frontier). RLOO and GRPO take the rl
+  # settings with 4 samples of each of 8 prompts per iteration (the same 32 sequences as PPO)
+  # and no value model; DPO trains on the proxy PM's comparisons, one run per beta.
+  c.methods = ("ppo", "rloo", "grpo", "dpo")
+  c.rloo = ml_collections.ConfigDict({"ppo": {"samples_per_prompt": 4}})
+  c.grpo = ml_collections.ConfigDict({"ppo": {"samples_per_prompt": 4}})
+  c.dpo = ml_collections.ConfigDict({
+      "betas": (0.1, 0.5),
+      "loss": "dpo",  # or "ipo"
+      "train": {"steps": 60, "batch_size": 16, "seq_len": 64, "eval_every": 10, "checkpoint_every": 60},
+      "optimizer": {"learning_rate": 3e-4},
+  })
   c.bon = ml_collections.ConfigDict({"ns": (1, 2, 4, 8, 16, 32), "num_prompts": 64, "seed": 0})
   # Evaluations of each size's initial and final RLHF policy (rlhf_jax.evals; every setting is in
   # configs/evaluate.py): small subsets of the bundled data; "full": True for whole data sets.

@@ -19,6 +19,7 @@ from rlhf_jax.model_config import ModelConfig, get_preset
 TRAIN_COUNTS = ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
 PPO_COUNTS = ("rollout_batch", "num_minibatches", "epochs", "prompt_len", "max_new_tokens")
 OBJECTIVES = ("pretrain", "sft", "distill")
+ALGORITHMS = ("ppo", "rloo", "grpo")  # rlhf_jax.ppo_steps.ALGORITHMS (not imported: no jax here)
 
 
 def _positive(section, key: str, where: str) -> None:
@@ -53,9 +54,9 @@ def _model(model: dict, where: str) -> ModelConfig:
 
 def _check_common(config, kind: str) -> None:
   t = config.train
-  for key in TRAIN_COUNTS + (("seq_len", "grad_accum") if kind != "ppo" else ()):
+  for key in TRAIN_COUNTS + {"ppo": (), "dpo": ("seq_len",)}.get(kind, ("seq_len", "grad_accum")):
     _positive(t, key, "train")
-  if kind != "ppo" and t.batch_size % t.grad_accum:
+  if kind in ("lm", "pm") and t.batch_size % t.grad_accum:
     raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
   if t.get("max_nonfinite_skips", 0) < 0:
     raise ConfigError(f"train.max_nonfinite_skips={t.max_nonfinite_skips}: must be >= 0")
@@ -70,10 +71,13 @@ def _check_common(config, kind: str) -> None:
 
 
 def validate(config, kind: str) -> None:
-  """kind: "lm", "pm" or "ppo" (which trainer runs the config)."""
-  if kind not in ("lm", "pm", "ppo"):
+  """kind: "lm", "pm", "ppo" or "dpo" (which trainer runs the config)."""
+  if kind not in ("lm", "pm", "ppo", "dpo"):
     raise ValueError(f"kind={kind!r}")
   _check_common(config, kind)
+  if kind == "dpo":
+    _check_dpo(config)
+    return
   if kind == "lm" and config.objective not in OBJECTIVES:
     raise ConfigError(f"objective={config.objective!r}: expected one of {OBJECTIVES}")
   if kind != "ppo":
@@ -89,9 +93,34 @@ def validate(config, kind: str) -> None:
   if c.rollout_batch % c.num_minibatches:
     raise ConfigError(f"ppo.rollout_batch={c.rollout_batch} must be divisible by "
                       f"ppo.num_minibatches={c.num_minibatches}")
+  algorithm, k = config.get("algorithm", "ppo"), c.get("samples_per_prompt", 1)
+  if algorithm not in ALGORITHMS:
+    raise ConfigError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
+  if "samples_per_prompt" in c:
+    _positive(c, "samples_per_prompt", "ppo")
+  if algorithm != "ppo" and k < 2:
+    raise ConfigError(f"algorithm={algorithm} compares samples of one prompt: ppo.samples_per_prompt={k} "
+                      f"must be at least 2")
+  if c.rollout_batch % k:
+    raise ConfigError(f"ppo.rollout_batch={c.rollout_batch} must be divisible by ppo.samples_per_prompt={k}")
   if config.value_from not in ("pm", "shared"):
     raise ConfigError(f"value_from={config.value_from!r}: expected 'pm' or 'shared'")
   _check_ppo_runs(config)
+
+
+def _check_dpo(config) -> None:
+  for key in ("prompt_len", "max_new_tokens"):
+    _positive(config.ppo, key, "ppo")
+  beta, loss = config.dpo.beta, config.dpo.loss
+  if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
+    raise ConfigError(f"dpo.beta={beta!r}: must be a positive finite number")
+  if loss not in ("dpo", "ipo"):
+    raise ConfigError(f"dpo.loss={loss!r}: expected 'dpo' or 'ipo'")
+  _check_ppo_runs(config)
+  policy = _model(run_model(config.policy_from, "policy_from"), f"policy_from={config.policy_from}")
+  if config.train.seq_len > policy.max_seq_len:
+    raise ConfigError(f"train.seq_len={config.train.seq_len} is beyond the max_seq_len={policy.max_seq_len} "
+                      f"of policy_from={config.policy_from}")
 
 
 def _check_ppo_runs(config) -> None:

@@ -5,7 +5,10 @@ predict response token t, and the value of the state before token t is the value
 The PM scores [prompt | response | EOC] read at the EOC token it was trained with.
 
 Trainable params are {"policy": ..., "value": ...}; with a shared trunk "value" is absent and
-the policy's own scalar head is the value head.
+the policy's own scalar head is the value head. The critic-free algorithms (hyper.algorithm
+"rloo" / "grpo", rlhf_jax.critic_free) differ only in their advantages (one per sequence, from the
+group of samples of its prompt) and in having no value loss; sampling, scoring, the KL-penalised
+reward, the clipped surrogate and the minibatch loop are the same code for every algorithm.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import ppo
+from rlhf_jax import critic_free, ppo
 from rlhf_jax import sharding as shd
 from rlhf_jax.model import Transformer, read_at
 from rlhf_jax.train_state import TrainState, keep_if_finite
@@ -37,7 +40,12 @@ class PPOHyper(NamedTuple):
   entropy_coef: float
   epochs: int
   num_minibatches: int
-  whiten_advantages: bool
+  whiten_advantages: bool  # PPO's GAE advantages only; RLOO's and GRPO's are used as they are
+  algorithm: str = "ppo"  # "ppo" | "rloo" | "grpo"
+  samples_per_prompt: int = 1  # rollout rows i*k .. i*k+k-1 share one prompt (the groups)
+
+
+ALGORITHMS = ("ppo",) + tuple(critic_free.ADVANTAGES)
 
 
 def _response_outputs(model: Transformer, params, tokens, mask, prompt_len: int, lm_head: bool):
@@ -81,9 +89,7 @@ def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score
   raw = pm_score(models.pm, pm_params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask, eoc_id)
   score = (raw - score_mean) / score_std
   rewards = ppo.kl_penalized_rewards(logp, ref_logp, score, gen.mask, kl_coef)
-  advantages, returns = ppo.gae_advantages(rewards, values, gen.mask, hyper.gamma, hyper.lam)
-  if hyper.whiten_advantages:
-    advantages = ppo.whiten(advantages, gen.mask)
+  advantages, returns = _advantages(rewards, values, gen.mask, hyper)
   kl = ppo.sequence_kl(logp, ref_logp, gen.mask)
   metrics = {"pm_reward_raw": raw.mean(), "pm_reward": score.mean(), "kl": kl.mean(),
              "sqrt_kl": jnp.sqrt(jnp.maximum(kl.mean(), 0.0)), "entropy": ppo.entropy(logits, gen.mask),
@@ -94,6 +100,18 @@ def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score
   return rollout, metrics
 
 
+def _advantages(rewards, values, mask, hyper: PPOHyper) -> tuple[jax.Array, jax.Array]:
+  """(advantages, returns) [batch, T]: GAE for PPO; for RLOO / GRPO the sequence's group-relative
+  advantage of its KL-penalised return on every one of its tokens (returns unused: no critic)."""
+  if hyper.algorithm == "ppo":
+    advantages, returns = ppo.gae_advantages(rewards, values, mask, hyper.gamma, hyper.lam)
+    return (ppo.whiten(advantages, mask) if hyper.whiten_advantages else advantages), returns
+  batch = rewards.shape[0]
+  group = jnp.arange(batch) // hyper.samples_per_prompt
+  seq_adv = critic_free.ADVANTAGES[hyper.algorithm](rewards.sum(axis=1), group, batch // hyper.samples_per_prompt)
+  return jnp.where(mask, seq_adv[:, None], 0.0), jnp.zeros_like(rewards)
+
+
 def ppo_loss(params, mb: dict[str, jax.Array], *, models: Models, hyper: PPOHyper, prompt_len: int):
   logits, values = _response_outputs(models.policy, params["policy"], mb["tokens"], mb["mask"],
                                      prompt_len, True)
@@ -102,10 +120,12 @@ def ppo_loss(params, mb: dict[str, jax.Array], *, models: Models, hyper: PPOHype
   m = mb["response_mask"]
   logp = _token_logp(logits, mb["response"])
   pg, pg_metrics = ppo.policy_loss(logp, mb["old_logp"], mb["advantages"], m, hyper.clip_eps)
-  vf, vf_metrics = ppo.value_loss(values, mb["old_values"], mb["returns"], m, hyper.value_clip_eps)
   ent = ppo.entropy(logits, m)
-  loss = pg + hyper.vf_coef * vf - hyper.entropy_coef * ent
-  return loss, {**pg_metrics, **vf_metrics, "update_entropy": ent}
+  loss = pg - hyper.entropy_coef * ent
+  if hyper.algorithm != "ppo":  # no critic: the policy's scalar head is left untrained
+    return loss, {**pg_metrics, "update_entropy": ent}
+  vf, vf_metrics = ppo.value_loss(values, mb["old_values"], mb["returns"], m, hyper.value_clip_eps)
+  return loss + hyper.vf_coef * vf, {**pg_metrics, **vf_metrics, "update_entropy": ent}
 
 
 def ppo_update(state: TrainState, rollout: dict[str, jax.Array], rng: jax.Array, *, models: Models,

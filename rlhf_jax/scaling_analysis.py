@@ -5,11 +5,13 @@
 Fits, per (size, method) series:
 - Bai et al. 2022: proxy and gold reward linear in d, r = a d + b.
 - Gao et al. 2022 (synthetic gold-PM setup): the gold reward's gain over the initial policy,
-  R_bon(d) = d (alpha - beta d) for best-of-N and R_RL(d) = d (alpha - beta log d) for RL.
+  R_bon(d) = d (alpha - beta d) for best-of-N and R_RL(d) = d (alpha - beta log d) for RL (every
+  other method: PPO, RLOO, GRPO, DPO).
   Both are linear in (alpha, beta), so they are solved by least squares through the origin.
 
 Writes <RUN_DIR>/analysis/: scaling.md (table), fits.json, reward_vs_sqrt_kl.png,
-proxy_vs_gold.png, slope_vs_size.png. Numpy float64 throughout; figures are drawn on their own
+proxy_vs_gold.png, slope_vs_size.png (those three compare PPO with best-of-N, as the papers do),
+and the comparison of every method (rlhf_jax.method_frontier): methods.md, methods_frontier.png. Numpy float64 throughout; figures are drawn on their own
 Agg canvas (no pyplot), so this works headless and leaves a notebook's backend alone.
 """
 from __future__ import annotations
@@ -27,7 +29,9 @@ from matplotlib.lines import Line2D
 
 RESULTS_FILE = "results.jsonl"
 ANALYSIS_DIR = "analysis"
-METHODS = ("rl", "bon")
+METHODS = ("ppo", "rloo", "grpo", "dpo", "bon")
+LEGACY_METHODS = {"rl": "ppo"}  # results.jsonl written before RLOO / GRPO / DPO existed
+PAPER_METHODS = ("ppo", "bon")  # the comparison of the three figures below
 _INT_FIELDS = ("params", "step")
 _FLOAT_FIELDS = ("kl", "sqrt_kl", "proxy_reward", "gold_reward")
 
@@ -41,6 +45,8 @@ def _check_row(row, where: str) -> dict:
 
   if not isinstance(row.get("size"), str) or not row["size"]:
     raise bad("size", "missing or not a non-empty string")
+  if row.get("method") in LEGACY_METHODS:
+    row = {**row, "method": LEGACY_METHODS[row["method"]]}
   if row.get("method") not in METHODS:
     raise bad("method", f"missing or not one of {METHODS}: {row.get('method')!r}")
   for field in _INT_FIELDS:  # bool is an int subclass; true/false is never a count
@@ -161,11 +167,11 @@ def fit_gao_rl(d, gain) -> GaoFit:
   return GaoFit("rl", float(alpha), float(beta), r2, int(d.size))
 
 
-_GAO_FITS = {"bon": fit_gao_bon, "rl": fit_gao_rl}
+_GAO_FITS = {m: fit_gao_bon if m == "bon" else fit_gao_rl for m in METHODS}
 
 
 def group_series(rows: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
-  """Rows by (size, method), ordered by params, then size, then rl before bon."""
+  """Rows by (size, method), ordered by params, then size, then method in METHODS order."""
   params, groups = {}, {}
   for row in rows:
     if params.setdefault(row["size"], row["params"]) != row["params"]:
@@ -186,12 +192,12 @@ def fit_all(rows: Sequence[dict]) -> list[dict]:
   fits = []
   for (size, method), series in group_series(rows).items():
     d, gold = _column(series, "sqrt_kl"), _column(series, "gold_reward")
-    # The initial policy (rl step 0, bon N = 1) has KL exactly 0. A moved policy whose sampled KL
+    # The initial policy (RL step 0, bon N = 1) has KL exactly 0. A moved policy whose sampled KL
     # estimate came out negative also has sqrt_kl = 0, but is no baseline.
     at_zero = _column(series, "kl") == 0
     if not at_zero.any():
       raise ValueError(f"size {size!r}, method {method!r}: no point at kl == 0 "
-                       "(rl step 0 / bon N = 1), so no baseline for the gold gain")
+                       "(RL step 0 / bon N = 1), so no baseline for the gold gain")
     gold_at_zero = float(gold[at_zero].mean())
     notes = []
 
@@ -243,7 +249,7 @@ def format_table(fits: Sequence[dict]) -> str:
            "|" + "---|" * len(_TABLE_COLUMNS)]
   lines += ["| " + " | ".join(_cell(fit[key]) for key, _ in _TABLE_COLUMNS) + " |" for fit in fits]
   lines.append("\nLinear fits (Bai et al. 2022): reward = slope * sqrt(KL) + intercept. Gao et al. 2022 "
-               "fits of the gold gain over d = 0: bon d (alpha - beta d), rl d (alpha - beta log d), "
+               "fits of the gold gain over d = 0: bon d (alpha - beta d), RL methods d (alpha - beta log d), "
                "through the origin; their R^2 is about the mean gain and can be negative.")
   return "\n".join(lines)
 
@@ -261,16 +267,19 @@ def write_table(fits: Sequence[dict], path: str) -> tuple[str, str]:
 
 
 def mean_curves(rows: Sequence[dict]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-  """Per (size, method), arrays sorted by step of step, sqrt_kl, proxy_reward and gold_reward,
-  averaged over rows that share a step (e.g. seeds); also 'params'."""
+  """Per (size, method), arrays sorted by (beta, step) of step, sqrt_kl, proxy_reward and
+  gold_reward, averaged over rows that share them (e.g. seeds); also 'params'. Only DPO rows have
+  a beta (one run per beta); the others' is nan."""
   curves = {}
   for key, series in group_series(rows).items():
-    steps = np.array(sorted({row["step"] for row in series}))
-    curve = {"step": steps, "params": series[0]["params"]}
-    step_of = np.array([row["step"] for row in series])
+    point_of = [(float(row.get("beta", math.nan)), row["step"]) for row in series]
+    points = sorted(set(point_of), key=lambda p: (0.0 if math.isnan(p[0]) else p[0], p[1]))
+    index = np.array([points.index(p) for p in point_of])
+    curve = {"step": np.array([p[1] for p in points]), "beta": np.array([p[0] for p in points]),
+             "params": series[0]["params"]}
     for field in ("sqrt_kl", "proxy_reward", "gold_reward"):
       values = _column(series, field)
-      curve[field] = np.array([values[step_of == s].mean() for s in steps])
+      curve[field] = np.array([values[index == i].mean() for i in range(len(points))])
     curves[key] = curve
   return curves
 
@@ -297,12 +306,13 @@ def _style_legend(ax, colours: dict[str, tuple[str, tuple]], styles: Sequence[tu
 
 
 def reward_vs_sqrt_kl_figure(rows: Sequence[dict], fits: Sequence[dict]) -> Figure:
-  """Proxy | gold reward against sqrt(KL): rl solid with markers, bon dashed, Gao fit dotted."""
+  """Proxy | gold reward against sqrt(KL): PPO solid with markers, bon dashed, Gao fit dotted."""
+  rows, fits = _paper(rows), _paper(fits)
   fig = _figure(2)
   ax_proxy, ax_gold = fig.subplots(1, 2, sharex=True)
   colours = _size_colours(rows)
   for (size, method), c in mean_curves(rows).items():
-    style = dict(linestyle="-", marker="o", markersize=3) if method == "rl" else dict(linestyle="--")
+    style = dict(linestyle="-", marker="o", markersize=3) if method == "ppo" else dict(linestyle="--")
     ax_proxy.plot(c["sqrt_kl"], c["proxy_reward"], color=colours[size][1], **style)
     ax_gold.plot(c["sqrt_kl"], c["gold_reward"], color=colours[size][1], **style)
   for fit in fits:
@@ -320,11 +330,12 @@ def reward_vs_sqrt_kl_figure(rows: Sequence[dict], fits: Sequence[dict]) -> Figu
 def proxy_vs_gold_figure(rows: Sequence[dict]) -> Figure:
   """Gold reward against the proxy reward being optimised. Where gold turns down while proxy keeps
   rising, the proxy is being overoptimised (Gao et al. 2022)."""
+  rows = _paper(rows)
   fig = _figure(1, width=5.5)
   ax = fig.subplots()
   colours = _size_colours(rows)
   for (size, method), c in mean_curves(rows).items():
-    style = dict(linestyle="-" if method == "rl" else "--", marker="o" if method == "rl" else "s", markersize=3)
+    style = dict(linestyle="-" if method == "ppo" else "--", marker="o" if method == "ppo" else "s", markersize=3)
     ax.plot(c["proxy_reward"], c["gold_reward"], color=colours[size][1], **style)
   ax.set_xlabel("proxy PM reward (normalised)")
   ax.set_ylabel("gold PM reward (normalised)")
@@ -338,7 +349,7 @@ def slope_vs_size_figure(fits: Sequence[dict]) -> Figure:
   """Fitted linear slopes d reward / d sqrt(KL) against non-embedding parameters (log x)."""
   fig = _figure(1, width=5.5)
   ax = fig.subplots()
-  for method, ls in (("rl", "-"), ("bon", "--")):
+  for method, ls in (("ppo", "-"), ("bon", "--")):
     series = [fit for fit in fits if fit["method"] == method]
     if not series:
       continue
@@ -353,6 +364,10 @@ def slope_vs_size_figure(fits: Sequence[dict]) -> Figure:
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize="small")
   return fig
+
+
+def _paper(rows_or_fits: Sequence[dict]) -> list[dict]:
+  return [r for r in rows_or_fits if r["method"] in PAPER_METHODS]
 
 
 def _save(fig: Figure, path: str) -> str:
@@ -375,6 +390,7 @@ def plot_slope_vs_size(fits: Sequence[dict], path: str) -> str:
 def analyse(run_dir: str) -> dict[str, str]:
   """Loads <run_dir>/results.jsonl, fits every series, writes the table, fits.json and the three
   plots into <run_dir>/analysis/; returns their paths by name."""
+  from rlhf_jax import method_frontier  # it builds on this module's curves and figures
   rows = load_results(os.path.join(run_dir, RESULTS_FILE))
   fits = fit_all(rows)
   out = os.path.join(run_dir, ANALYSIS_DIR)
@@ -386,6 +402,7 @@ def analyse(run_dir: str) -> dict[str, str]:
       "reward_vs_sqrt_kl": plot_reward_vs_sqrt_kl(rows, fits, os.path.join(out, "reward_vs_sqrt_kl.png")),
       "proxy_vs_gold": plot_proxy_vs_gold(rows, os.path.join(out, "proxy_vs_gold.png")),
       "slope_vs_size": plot_slope_vs_size(fits, os.path.join(out, "slope_vs_size.png")),
+      **method_frontier.write(rows, fits, out),
   }
 
 

@@ -23,7 +23,7 @@ from rlhf_jax.errors import ConfigError
 STAGE_DONE = "stage_done.json"
 # Settings added after stages may have finished without them, with the value that reproduces the
 # old behaviour: a finished stage whose record lacks one is not stale while it keeps that value.
-ADDED_WITH_NEUTRAL_DEFAULT = {"train.grad_accum": 1,
+ADDED_WITH_NEUTRAL_DEFAULT = {"train.grad_accum": 1, "algorithm": "ppo", "ppo.samples_per_prompt": 1,
                               # model variants for imported checkpoints (rlhf_jax.hf): Llama's
                               "model.mlp_activation": "silu", "model.scale_embeddings": False,
                               "model.norm_offset": 0.0}

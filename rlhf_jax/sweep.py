@@ -13,12 +13,19 @@ Two setups (config.setup):
 - "halves" (Bai et al. 2022, section 4.3): proxy ("train") PMs on one half of the human
   comparisons, the gold-size "test" PM on the other half.
 
+RL methods (config.methods): "ppo" (Bai et al.: value model, GAE), "rloo" and "grpo" (critic-free,
+config.rloo / config.grpo override config.rl for them), all through rlhf_jax.train_ppo with the
+same KL-penalised reward; "dpo" (rlhf_jax.train_dpo, one stage per beta in config.dpo.betas) on
+the comparisons the proxy PM is trained on. Every method is evaluated by the same function on the
+same held-out prompts (KL against the initial policy, proxy and gold PM), beside best-of-N.
+
 Each size's initial policy is its pretrained LM, or, with config.sft.objective = "sft" or
 "distill", that LM fine-tuned on the Assistant turns or context-distilled (Bai et al. start RLHF
 from context-distilled models); PMs start from the pretrained LM.
 
 Stages (rlhf_jax.stages), each in its own subdirectory: tokenizer, lm_<size>, [sft_<size>],
-pm_gold, [labels_<size>], pm_<size>, ppo_<size>, bon_<size>, [evals_<size>: rlhf_jax.evals.stage].
+pm_gold, [labels_<size>], pm_<size>, ppo_<size>, [rloo_<size>, grpo_<size>, dpo_<size>_beta<b>],
+bon_<size>, [evals_<size>: rlhf_jax.evals.stage].
 A finished stage is skipped on a rerun and an interrupted one resumes from its last checkpoint, so
 a killed sweep is resumed by running the same command again.
 """
@@ -51,6 +58,7 @@ from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 
 RESULTS_FILE = "results.jsonl"
 GOLD = "gold"
+RL_METHODS = ("ppo", "rloo", "grpo", "dpo")  # best-of-N ("bon") runs for every size as well
 SweepInterrupted = StageInterrupted  # the name older callers know
 
 
@@ -109,13 +117,45 @@ def pm_config(config, workdir: str, name: str):
   return c
 
 
-def ppo_config(config, workdir: str, name: str):
+def methods(config) -> tuple[str, ...]:
+  chosen = tuple(config.get("methods", ("ppo",)))
+  unknown = [m for m in chosen if m not in RL_METHODS]
+  if unknown or "ppo" not in chosen:  # PPO's run is what best-of-N and the evaluations compare with
+    raise ConfigError(f"methods={chosen}: expected 'ppo' and any of {RL_METHODS[1:]}")
+  return chosen
+
+
+def ppo_config(config, workdir: str, name: str, algorithm: str = "ppo"):
+  """train_ppo's config for one size; algorithm "rloo" / "grpo" adds config[algorithm] over rl."""
   from configs import ppo
-  c = _stage_config(ppo, config, workdir, name, "rl")
+  extra = (algorithm,) if algorithm != "ppo" and algorithm in config else ()
+  c = _stage_config(ppo, config, workdir, name, "rl", *extra)
+  c.algorithm = algorithm
   c.policy_from = policy_dir(config, workdir, name)
   c.pm_dir = os.path.join(workdir, f"pm_{name}")
   c.eval.pm_dirs = (os.path.join(workdir, f"pm_{GOLD}"),)
   return c
+
+
+def dpo_config(config, workdir: str, name: str, beta: float):
+  """train_dpo's config: the proxy PM's comparisons, evaluated exactly as the RL runs are."""
+  from configs import dpo
+  rl = ppo_config(config, workdir, name)
+  c = dpo.get_config(config.base_preset)
+  c.data, c.eval, c.mesh = rl.data, rl.eval, rl.mesh
+  c.policy_from, c.pm_dir = rl.policy_from, rl.pm_dir
+  c.ppo = ml_collections.ConfigDict({k: rl.ppo[k] for k in c.ppo})  # the same evaluation samples
+  c.preferences = pm_config(config, workdir, name).data  # what the proxy PM is trained on
+  section = dict(config.dpo)
+  for key in ("train", "optimizer"):
+    override(c[key], section.get(key, {}), f"dpo.{key}")
+  c.dpo.loss, c.dpo.beta = section.get("loss", "dpo"), float(beta)
+  c.progress_bar = config.progress_bar
+  return c
+
+
+def dpo_stage_name(name: str, beta: float) -> str:
+  return f"dpo_{name}_beta{float(beta):g}"
 
 
 # --- stages ------------------------------------------------------------------------------------
@@ -287,13 +327,18 @@ def base_stages(config, workdir: str) -> list[Stage]:
 
 def plan(config, workdir: str) -> list[Stage]:
   """The stages of the sweep, in the order they run."""
-  from rlhf_jax import train_pm, train_ppo
+  from rlhf_jax import train_dpo, train_pm, train_ppo
   stages = base_stages(config, workdir)
   for n in config.sizes:
     if config.setup == "gold_pm":
       stages.append(_labels_stage(config, workdir, n))
     stages.append(trainer_stage(f"pm_{n}", train_pm.train, pm_config(config, workdir, n)))
-    stages.append(trainer_stage(f"ppo_{n}", train_ppo.train, ppo_config(config, workdir, n)))
+    for method in methods(config):
+      if method == "dpo":
+        stages += [trainer_stage(dpo_stage_name(n, b), train_dpo.train, dpo_config(config, workdir, n, b))
+                   for b in config.dpo.betas]
+      else:
+        stages.append(trainer_stage(f"{method}_{n}", train_ppo.train, ppo_config(config, workdir, n, method)))
     stages.append(_bon_stage(config, workdir, n))
     if _with_evals(config):
       stages.append(_evals_stage(config, workdir, n))
@@ -323,21 +368,35 @@ def run_sweep(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
   return out
 
 
+def _evaluated_points(run_dir: str, base: dict, gold_key: str) -> list[dict]:
+  """The evaluations a train_ppo / train_dpo run logged (step 0 = the initial policy), as rows."""
+  by_step = {}  # a resumed run may log a step twice: its last record wins
+  for m in read_metrics(run_dir):
+    if "eval_kl" in m:
+      by_step[m["step"]] = m
+  rows = []
+  for step, m in sorted(by_step.items()):
+    kl = float(m["eval_kl"])
+    rows.append({**base, "step": int(step), "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
+                 "proxy_reward": float(m["eval_pm_reward"]), "gold_reward": float(m[f"eval_{gold_key}"])})
+  return rows
+
+
 def collect_results(config, workdir: str) -> list[dict]:
-  """One row per evaluated point: PPO evaluations (step = iteration, 0 = initial policy) and
-  best-of-N (step = N), with the proxy PM's and the gold PM's normalised rewards."""
+  """One row per evaluated point: each RL method's evaluations (step = iteration or DPO update, 0 =
+  initial policy; DPO rows carry their beta) and best-of-N (step = N), with the proxy PM's and
+  the gold PM's normalised rewards."""
   gold_key = f"pm_{GOLD}_reward"
   rows = []
   for name in config.sizes:
     base = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"]}
-    by_step = {}  # a resumed run may log a step twice: its last record wins
-    for m in read_metrics(os.path.join(workdir, f"ppo_{name}")):
-      if "eval_kl" in m:
-        by_step[m["step"]] = m
-    for step, m in sorted(by_step.items()):
-      kl = float(m["eval_kl"])
-      rows.append({**base, "method": "rl", "step": int(step), "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
-                   "proxy_reward": float(m["eval_pm_reward"]), "gold_reward": float(m[f"eval_{gold_key}"])})
+    for method in methods(config):
+      if method == "dpo":
+        for b in config.dpo.betas:
+          rows += _evaluated_points(os.path.join(workdir, dpo_stage_name(name, b)),
+                                    {**base, "method": "dpo", "beta": float(b)}, gold_key)
+      else:
+        rows += _evaluated_points(os.path.join(workdir, f"{method}_{name}"), {**base, "method": method}, gold_key)
     with open(os.path.join(workdir, f"bon_{name}", "best_of_n.jsonl"), encoding="utf-8") as f:
       for line in f:
         b = json.loads(line)

@@ -24,7 +24,8 @@ from rlhf_jax.pm_data import PMBatcher, encode_comparison, split_in_halves
 from rlhf_jax.pm_evaluation import evaluate_pm, score_all
 
 
-def _records(config, workdir):
+def comparison_records(config, workdir):
+  """(train, held-out, malformed skipped) comparisons of config.data, one half if data.half."""
   train_recs, eval_recs, skipped = train_eval_records(config, workdir)
   if config.data.half:  # the train-PM / test-PM robustness split of Bai et al. section 4.3
     train_recs = split_in_halves(train_recs, config.data.half_seed)["ab".index(config.data.half)]
@@ -33,7 +34,7 @@ def _records(config, workdir):
 
 def _stage(config, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
-  train_recs, eval_recs, skipped = _records(config, workdir)
+  train_recs, eval_recs, skipped = comparison_records(config, workdir)
   tok = load_or_train_tokenizer(config, [r["chosen"] for r in train_recs], workdir)
   t = config.train
   make = lambda recs: PMBatcher([encode_comparison(tok, r) for r in recs], batch_size=t.batch_size,

@@ -1,7 +1,11 @@
 """RLHF with PPO against a frozen preference model, with a per-token KL penalty to the initial policy.
 
   python -m rlhf_jax.train_ppo --config=configs/ppo.py:tiny \\
-      --config.policy_from=runs/lm_tiny --config.pm_dir=runs/pm_tiny
+      --config.policy_from=runs/lm_tiny --config.pm_dir=runs/pm_tiny [--config.algorithm=rloo]
+
+config.algorithm "rloo" or "grpo" trains without a value model: ppo.samples_per_prompt samples
+of each prompt form a group, and each sample's advantage is its KL-penalised return relative to
+the others of its group (rlhf_jax.critic_free); everything else is the PPO loop below.
 
 Each iteration: sample prompts, generate with the KV-cache sampler, score (policy/reference
 log-probs, values, normalised PM reward, KL-penalised rewards, GAE), then epochs x minibatches of
@@ -16,7 +20,7 @@ from __future__ import annotations
 import filecmp
 import functools
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -121,19 +125,65 @@ def prompt_texts(config, workdir: str) -> tuple[list[str], list[str]]:
   return first_turn(train_recs), first_turn(eval_recs)
 
 
+def prompts_per_iteration(config) -> int:
+  """Distinct prompts in a rollout: ppo.rollout_batch sequences, ppo.samples_per_prompt each."""
+  return config.ppo.rollout_batch // config.ppo.get("samples_per_prompt", 1)
+
+
 def prompt_batchers(config, tok: Tokenizer, workdir: str) -> tuple[PromptBatcher, PromptBatcher]:
   train_texts, eval_texts = prompt_texts(config, workdir)
   make = lambda texts, n: PromptBatcher([Encoded(tok.encode(t), []) for t in texts], batch_size=n,
                                         seq_len=config.ppo.prompt_len, seed=config.train.seed,
                                         pad_id=tok.pad_id)
-  return make(train_texts, config.ppo.rollout_batch), make(eval_texts[:config.eval.num_prompts],
-                                                           config.eval.num_prompts)
+  return make(train_texts, prompts_per_iteration(config)), make(eval_texts[:config.eval.num_prompts],
+                                                                config.eval.num_prompts)
 
 
-def _hyper(c) -> PPOHyper:
+def _hyper(config) -> PPOHyper:
+  c = config.ppo
   return PPOHyper(gamma=c.gamma, lam=c.lam, clip_eps=c.clip_eps, value_clip_eps=c.value_clip_eps,
                   vf_coef=c.vf_coef, entropy_coef=c.entropy_coef, epochs=c.epochs,
-                  num_minibatches=c.num_minibatches, whiten_advantages=c.whiten_advantages)
+                  num_minibatches=c.num_minibatches, whiten_advantages=c.whiten_advantages,
+                  algorithm=config.get("algorithm", "ppo"), samples_per_prompt=c.get("samples_per_prompt", 1))
+
+
+def policy_evaluator(policy0: FrozenModel, eval_pms: dict[str, FrozenModel], prompts: dict, sample: Callable,
+                     tok: Tokenizer, seed: int) -> Callable[[Any], dict]:
+  """evaluate(policy_params) -> {eval_kl, eval_sqrt_kl, eval_<pm>_reward[_raw], ...}: one sample
+  per held-out prompt with fixed seeds, KL against policy0 by the k1 estimator summed over the
+  sampled tokens (rlhf_jax.ppo.sequence_kl), and every PM's normalised score. Every method of the
+  sweep (PPO, RLOO, GRPO, DPO) is measured by this one function."""
+
+  def evaluate(params):
+    gen = sample(params, prompts["tokens"], prompts["attention_mask"], jax.random.PRNGKey(seed))
+    tokens = jnp.concatenate([gen.prompt_tokens, gen.tokens], axis=1)
+    mask = jnp.concatenate([gen.prompt_mask, gen.mask], axis=1)
+    p = gen.prompt_tokens.shape[1]
+
+    def logp(model_params):
+      logits = policy0.model.apply({"params": model_params}, tokens, attention_mask=mask).logits
+      lp = jax.nn.log_softmax(logits[:, p - 1:-1], axis=-1)
+      return jnp.take_along_axis(lp, gen.tokens[..., None], axis=-1)[..., 0]
+
+    kl = float(ppo.sequence_kl(logp(params), logp(policy0.params), gen.mask).mean())
+    out = {"eval_kl": kl, "eval_sqrt_kl": float(np.sqrt(max(kl, 0.0))),
+           "eval_response_length": float(gen.mask.sum(axis=1).mean())}
+    for name, frozen in eval_pms.items():
+      raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask,
+                     tok.eoc_id)
+      n = frozen.normalisation
+      out[f"eval_{name}_reward"] = float(((raw - n["mean"]) / n["std"]).mean())
+      out[f"eval_{name}_reward_raw"] = float(raw.mean())
+    return out
+
+  return evaluate
+
+
+def eval_pms(config, mesh) -> dict[str, FrozenModel]:
+  """The training / proxy PM as "pm", and every PM of eval.pm_dirs by its directory's name."""
+  pm = FrozenModel(config.pm_dir, mesh, with_normalisation=True)
+  return {"pm": pm} | {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True)
+                       for d in config.eval.pm_dirs}
 
 
 def train(config, workdir: str) -> dict[str, Any]:
@@ -143,13 +193,16 @@ def train(config, workdir: str) -> dict[str, Any]:
   mesh = shd.make_mesh(config.mesh.shape)
   c = config.ppo
   policy0 = FrozenModel(config.policy_from, mesh)
-  pm = FrozenModel(config.pm_dir, mesh, with_normalisation=True)
-  eval_pms = {"pm": pm} | {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True)
-                           for d in config.eval.pm_dirs}
+  pms = eval_pms(config, mesh)
+  pm = pms["pm"]
   tok = same_tokenizer(config.policy_from, config.pm_dir, *config.eval.pm_dirs)
   train_prompts, eval_prompts = prompt_batchers(config, tok, workdir)
-  config_checks.check_batch_fits(len(train_prompts), c.rollout_batch, "ppo.rollout_batch", "training prompts")
-  shared = config.value_from == "shared"
+  n_prompts = prompts_per_iteration(config)
+  config_checks.check_batch_fits(len(train_prompts), n_prompts, "ppo.rollout_batch / ppo.samples_per_prompt",
+                                 "training prompts")
+  hyper = _hyper(config)
+  # A critic-free algorithm trains the policy alone; PPO's value model is the PM's copy or the trunk.
+  shared = config.value_from == "shared" or hyper.algorithm != "ppo"
   models = Models(policy0.model, policy0.model if shared else pm.model, pm.model)
 
   def init_fn(rng):
@@ -178,7 +231,6 @@ def train(config, workdir: str) -> dict[str, Any]:
     return state.replace(params=params)
 
   state = loop.resume_or(s, fresh)
-  hyper = _hyper(c)
   sample = functools.partial(generate, model=policy0.model, max_new_tokens=c.max_new_tokens,
                              temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, eos_id=tok.eos_id,
                              pad_id=tok.pad_id)
@@ -189,7 +241,9 @@ def train(config, workdir: str) -> dict[str, Any]:
   def step(state, position):
     batch = train_prompts.batch_at(position)
     gen_rng, update_rng, next_rng = jax.random.split(state.rng, 3)
-    gen = sample(state.params["policy"], batch["tokens"], batch["attention_mask"], gen_rng)
+    k = hyper.samples_per_prompt  # rows i*k .. i*k+k-1: prompt i (the critic-free groups)
+    gen = sample(state.params["policy"], np.repeat(batch["tokens"], k, axis=0),
+                 np.repeat(batch["attention_mask"], k, axis=0), gen_rng)
     gen = jax.device_put(gen, shd.batch_sharding(mesh))  # the layout the jitted steps expect
     rollout, metrics = score(state.params, policy0.params, pm.params, gen, state.extra["kl_coef"],
                              norm["mean"], norm["std"])
@@ -200,34 +254,14 @@ def train(config, workdir: str) -> dict[str, Any]:
                                      config.kl.horizon)
       kl_coef = jnp.where(jnp.isfinite(adapted), adapted, kl_coef)  # a NaN KL must not stick
     state = state.replace(step=state.step + 1, rng=next_rng, extra={"kl_coef": kl_coef},
-                          data_position=state.data_position + c.rollout_batch)
+                          data_position=state.data_position + n_prompts)
     return state, {**metrics, **update_metrics, "loss": update_metrics["policy_loss"]}
 
-  def evaluate(params):
-    batch = eval_prompts.in_order()[0]
-    gen = sample(params["policy"], batch["tokens"], batch["attention_mask"],
-                 jax.random.PRNGKey(config.eval.seed))  # the same samples' seeds every time
-    tokens = jnp.concatenate([gen.prompt_tokens, gen.tokens], axis=1)
-    mask = jnp.concatenate([gen.prompt_mask, gen.mask], axis=1)
-    p = gen.prompt_tokens.shape[1]
+  evaluate = policy_evaluator(policy0, pms, eval_prompts.in_order()[0], sample, tok, config.eval.seed)
+  run_steps_evaluate = lambda params: evaluate(params["policy"])
 
-    def logp(model_params):
-      logits = policy0.model.apply({"params": model_params}, tokens, attention_mask=mask).logits
-      lp = jax.nn.log_softmax(logits[:, p - 1:-1], axis=-1)
-      return jnp.take_along_axis(lp, gen.tokens[..., None], axis=-1)[..., 0]
-
-    kl = float(ppo.sequence_kl(logp(params["policy"]), logp(policy0.params), gen.mask).mean())
-    out = {"eval_kl": kl, "eval_sqrt_kl": float(np.sqrt(max(kl, 0.0))),
-           "eval_response_length": float(gen.mask.sum(axis=1).mean())}
-    for name, frozen in eval_pms.items():
-      raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask,
-                     tok.eoc_id)
-      n = frozen.normalisation
-      out[f"eval_{name}_reward"] = float(((raw - n["mean"]) / n["std"]).mean())
-      out[f"eval_{name}_reward_raw"] = float(raw.mean())
-    return out
-
-  return loop.run_steps(config, workdir, s, state, step=step, evaluate=evaluate, desc="train_ppo",
+  return loop.run_steps(config, workdir, s, state, step=step, evaluate=run_steps_evaluate,
+                        desc=f"train_{hyper.algorithm}",
                         run_info={"num_train_prompts": len(train_prompts)})
 
 

@@ -54,6 +54,9 @@ def micro_sweep_config(**changes):
           "ppo": {"rollout_batch": 16, "num_minibatches": 2, "epochs": 1, "prompt_len": 24, "max_new_tokens": 8},
           "eval": {"num_prompts": 8}}
   c.bon = {"ns": (1, 2, 4), "num_prompts": 8, "seed": 0}
+  c.rloo = c.grpo = {"ppo": {"samples_per_prompt": 4}}  # 4 prompts x 4 samples
+  c.dpo = {"betas": (0.1,), "loss": "dpo", "optimizer": {"learning_rate": 1e-3},
+           "train": {**short(4), "eval_every": 2, "log_every": 1}}
   c.evals = {"suites": "bias_cloze,winogender,bbq,ood,mc,elo", "batch_size": 32,
              "bias_cloze": {"occupations": ("nurse", "engineer", "baker", "carpenter")},
              "bbq": {"max_per_category": 3}, "ood": {"max_prompts": 24, "ks": (0, 1, 4)},
@@ -94,7 +97,8 @@ def micro_online_config(**changes):
   """The micro sweep's sizes and stages, two online rounds of 32 labels, few evaluation prompts."""
   import ml_collections
   c = micro_sweep_config()
-  del c["bon"], c["evals"]
+  for key in ("bon", "evals", "methods", "rloo", "grpo", "dpo"):  # sweep-only sections
+    del c[key]
   c.online = ml_collections.ConfigDict({"rounds": 2, "pairs_per_round": 32, "agreement": 0.8, "seeds": (0,),
                                         "eval_pairs": 8, "elo_prompts": 8})
   c.labels.batch_size = 32

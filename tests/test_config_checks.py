@@ -14,7 +14,7 @@ from test_faults import ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import lm as lm_config, pm as pm_config, ppo as ppo_config  # noqa: E402
+from configs import dpo as dpo_config, lm as lm_config, pm as pm_config, ppo as ppo_config  # noqa: E402
 
 
 def _fake_run(path, **model_changes):
@@ -32,10 +32,24 @@ def _ppo(tmp_path, **pm_changes):
   return c
 
 
+def _dpo(tmp_path):
+  c = dpo_config.get_config("tiny")
+  c.policy_from, c.pm_dir = _fake_run(tmp_path / "lm"), _fake_run(tmp_path / "pm")
+  return c
+
+
+def _rloo(tmp_path):
+  c = _ppo(tmp_path)
+  c.algorithm, c.ppo.samples_per_prompt = "rloo", 4
+  return c
+
+
 def test_the_shipped_configs_pass(tmp_path):
   config_checks.validate(lm_config.get_config("tiny"), "lm")
   config_checks.validate(pm_config.get_config("tiny"), "pm")
   config_checks.validate(_ppo(tmp_path), "ppo")
+  config_checks.validate(_rloo(tmp_path / "rloo"), "ppo")
+  config_checks.validate(_dpo(tmp_path / "dpo"), "dpo")
 
 
 @pytest.mark.parametrize("kind, field, value", [
@@ -50,9 +64,17 @@ def test_the_shipped_configs_pass(tmp_path):
     ("ppo", "ppo.prompt_len", 0), ("ppo", "ppo.max_new_tokens", -2), ("ppo", "ppo.max_new_tokens", 2040),
     ("ppo", "value_from", "policy"), ("ppo", "data.eval_fraction", 2.0),
     ("lm", "train.grad_accum", 0), ("pm", "train.grad_accum", 3),  # 16 comparisons do not split in 3
+    ("ppo", "algorithm", "reinforce"), ("rloo", "ppo.samples_per_prompt", 1),  # no group to compare within
+    ("rloo", "ppo.samples_per_prompt", 3),  # 16 sequences do not split into groups of 3
+    ("rloo", "ppo.samples_per_prompt", 0), ("dpo", "dpo.beta", 0.0), ("dpo", "dpo.beta", float("nan")),
+    ("dpo", "dpo.loss", "kto"), ("dpo", "train.seq_len", 4096), ("dpo", "ppo.max_new_tokens", 0),
+    ("dpo", "train.batch_size", 0),
 ])
 def test_each_impossible_setting_is_named(kind, field, value, tmp_path):
-  config = {"lm": lm_config, "pm": pm_config}[kind].get_config("tiny") if kind != "ppo" else _ppo(tmp_path)
+  makers = {"lm": lambda _: lm_config.get_config("tiny"), "pm": lambda _: pm_config.get_config("tiny"),
+            "ppo": _ppo, "rloo": _rloo, "dpo": _dpo}
+  config = makers[kind](tmp_path)
+  kind = "ppo" if kind == "rloo" else kind
   section, key = field.rsplit(".", 1) if "." in field else ("", field)
   (config[section] if section else config)[key] = value
   with pytest.raises(ConfigError, match=field.split(".")[-1]):

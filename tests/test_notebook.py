@@ -7,7 +7,8 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "scaling_curves.ipynb")
-ANALYSIS_FILES = ("scaling.md", "fits.json", "reward_vs_sqrt_kl.png", "proxy_vs_gold.png", "slope_vs_size.png")
+ANALYSIS_FILES = ("scaling.md", "fits.json", "reward_vs_sqrt_kl.png", "proxy_vs_gold.png", "slope_vs_size.png",
+                  "methods.md", "methods_frontier.png")
 
 
 @pytest.fixture
@@ -40,8 +41,11 @@ def test_notebook_executes_on_a_results_dir(results_dir, micro_online_dir, tmp_p
   outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
   assert not [out for out in outputs if out.output_type == "error"]
   images = [out for out in outputs if "image/png" in out.get("data", {})]
-  assert len(images) == 9  # three analysis figures, the interactive gap plot, three evaluation and two online figures
+  # three analysis figures, the interactive gap plot, the methods' frontier, three evaluation and two online figures
+  assert len(images) == 10
   assert any("text/markdown" in out.get("data", {}) and "| size | params |" in out["data"]["text/markdown"]
+             for out in outputs)
+  assert any("text/markdown" in out.get("data", {}) and "| size | method | common KL | gold @ common KL |" in out["data"]["text/markdown"]
              for out in outputs)
   assert any("text/markdown" in out.get("data", {}) and "| after - before |" in out["data"]["text/markdown"]
              for out in outputs)

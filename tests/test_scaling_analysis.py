@@ -28,9 +28,9 @@ def _synthetic_rows(noise=0.0, seed=0):
   rng = np.random.default_rng(seed)
   rows = []
   for size, (params, offset, alpha, beta) in _SIZES.items():
-    for method, steps in (("rl", _RL_STEPS), ("bon", _BON_NS)):
+    for method, steps in (("ppo", _RL_STEPS), ("bon", _BON_NS)):
       for step in steps:
-        kl = 0.09 * step ** 2 if method == "rl" else math.log(step) - (step - 1) / step
+        kl = 0.09 * step ** 2 if method == "ppo" else math.log(step) - (step - 1) / step
         d = math.sqrt(kl)
         gold = offset + _true_gain(method, alpha, beta, [d])[0] + noise * rng.normal()
         proxy = offset + 1.5 * alpha * d + noise * rng.normal()
@@ -153,14 +153,14 @@ def test_load_results_round_trip(tmp_path):
   assert sa.load_results(str(tmp_path / "results.jsonl")) == rows
 
 
-_GOOD = {"size": "s1", "params": 10, "method": "rl", "step": 3, "kl": 4.0, "sqrt_kl": 2.0,
+_GOOD = {"size": "s1", "params": 10, "method": "ppo", "step": 3, "kl": 4.0, "sqrt_kl": 2.0,
          "proxy_reward": 0.1, "gold_reward": -0.2}
 
 
 @pytest.mark.parametrize("change,field", [
     ({"size": None}, "size"),
     ({"params": 1.5}, "params"),
-    ({"method": "ppo"}, "method"),
+    ({"method": "reinforce"}, "method"),
     ({"step": True}, "step"),
     ({"step": -1}, "step"),
     ({"kl": "4.0"}, "kl"),
@@ -193,12 +193,12 @@ def test_load_results_missing_field_and_bad_json(tmp_path):
 
 def test_fit_all_recovers_every_series_in_size_order():
   fits = sa.fit_all(list(reversed(_synthetic_rows())))
-  assert [(f["size"], f["method"]) for f in fits] == [(s, m) for s in ("s1", "s2", "s3") for m in ("rl", "bon")]
+  assert [(f["size"], f["method"]) for f in fits] == [(s, m) for s in ("s1", "s2", "s3") for m in ("ppo", "bon")]
   for fit in fits:
     params, offset, alpha, beta = _SIZES[fit["size"]]
     assert fit["params"] == params
-    assert fit["n"] == (len(_RL_STEPS) if fit["method"] == "rl" else len(_BON_NS))
-    assert fit["gao_form"] == fit["method"]
+    assert fit["n"] == (len(_RL_STEPS) if fit["method"] == "ppo" else len(_BON_NS))
+    assert fit["gao_form"] == ("bon" if fit["method"] == "bon" else "rl")
     assert (fit["gao_alpha"], fit["gao_beta"]) == pytest.approx((alpha, beta), abs=1e-10)
     assert (fit["proxy_slope"], fit["proxy_intercept"]) == pytest.approx((1.5 * alpha, offset), abs=1e-10)
     assert fit["proxy_r2"] == pytest.approx(1.0, abs=1e-12)
@@ -210,16 +210,16 @@ def test_fit_all_gain_is_over_the_mean_gold_at_zero_kl():
   # Three initial-policy evaluations (e.g. seeds) with gold = offset + {-0.3, 0, +0.3}: the mean
   # is the offset, so the fit is exact only if that mean is subtracted (a point at d = 0 itself has
   # no say in alpha, beta: the model is 0 there whatever they are).
-  i = next(i for i, r in enumerate(rows) if r["method"] == "rl" and r["step"] == 0)
+  i = next(i for i, r in enumerate(rows) if r["method"] == "ppo" and r["step"] == 0)
   zero = rows[i]
   rows[i] = {**zero, "gold_reward": zero["gold_reward"] + 0.3}  # first, min and max are all != mean
   rows += [{**zero, "gold_reward": zero["gold_reward"] - 0.3}, zero]
   _, offset, alpha, beta = _SIZES["s2"]
-  rows = [{**r, "gold_reward": r["gold_reward"] + (5.0 if r["method"] == "rl" else 0.0)} for r in rows]
-  rl = next(f for f in sa.fit_all(rows) if f["method"] == "rl")
+  rows = [{**r, "gold_reward": r["gold_reward"] + (5.0 if r["method"] == "ppo" else 0.0)} for r in rows]
+  rl = next(f for f in sa.fit_all(rows) if f["method"] == "ppo")
   assert rl["gold_at_zero"] == pytest.approx(offset + 5.0, abs=1e-12)
   assert (rl["gao_alpha"], rl["gao_beta"]) == pytest.approx((alpha, beta), abs=1e-10)
-  rl_rows = [r for r in rows if r["method"] == "rl"]
+  rl_rows = [r for r in rows if r["method"] == "ppo"]
   d = np.array([r["sqrt_kl"] for r in rl_rows])
   gain = np.array([r["gold_reward"] for r in rl_rows]) - (offset + 5.0)
   direct = sa.fit_gao_rl(d, gain)
@@ -242,7 +242,7 @@ def test_mean_curves_average_rows_sharing_a_step():
   rows = _synthetic_rows()
   extra = {**rows[5], "gold_reward": rows[5]["gold_reward"] + 1.0}
   curves = sa.mean_curves(rows + [extra])
-  rl = curves[("s1", "rl")]
+  rl = curves[("s1", "ppo")]
   np.testing.assert_array_equal(rl["step"], np.arange(13))
   assert rl["gold_reward"][5] == pytest.approx(rows[5]["gold_reward"] + 0.5)
 
@@ -261,7 +261,8 @@ def test_analyse_writes_table_json_and_plots_matching_fit_all(tmp_path):
   rows = _synthetic_rows(noise=0.05, seed=5)
   _write_results(tmp_path, rows)
   paths = sa.analyse(str(tmp_path))
-  assert set(paths) == {"table", "fits", "reward_vs_sqrt_kl", "proxy_vs_gold", "slope_vs_size"}
+  assert set(paths) == {"table", "fits", "reward_vs_sqrt_kl", "proxy_vs_gold", "slope_vs_size",
+                        "methods_table", "methods_frontier"}
   for name in ("reward_vs_sqrt_kl", "proxy_vs_gold", "slope_vs_size"):
     assert paths[name] == str(tmp_path / "analysis" / f"{name}.png")
     with open(paths[name], "rb") as f:
@@ -308,9 +309,9 @@ def test_cli_prints_table_and_paths(tmp_path, capsys):
 
 def test_fit_all_reports_a_degenerate_series_instead_of_failing():
   # A policy that never moved: its RL points all sit at one KL. The other series still fit.
-  rows = [r for r in _synthetic_rows() if not (r["size"] == "s1" and r["method"] == "rl" and r["step"] > 1)]
+  rows = [r for r in _synthetic_rows() if not (r["size"] == "s1" and r["method"] == "ppo" and r["step"] > 1)]
   fits = {(f["size"], f["method"]): f for f in sa.fit_all(rows)}
-  bad = fits[("s1", "rl")]
+  bad = fits[("s1", "ppo")]
   assert bad["n"] == 2 and "Gao fit: need at least 2 distinct d > 0" in bad["note"]
   assert math.isnan(bad["gao_alpha"]) and math.isnan(bad["gao_r2"])
   assert bad["proxy_slope"] == pytest.approx(sa.fit_linear([r["sqrt_kl"] for r in rows[:2]],
@@ -320,9 +321,16 @@ def test_fit_all_reports_a_degenerate_series_instead_of_failing():
 
 
 def test_gain_baseline_is_the_kl_zero_point_not_a_negative_kl_estimate():
-  rows = [r for r in _synthetic_rows() if r["size"] == "s1" and r["method"] == "rl"]
+  rows = [r for r in _synthetic_rows() if r["size"] == "s1" and r["method"] == "ppo"]
   baseline = rows[0]["gold_reward"]
   # A later iteration whose k1 estimate came out negative: sqrt_kl is 0 but it is not the start.
   rows.append({**rows[1], "step": 99, "kl": -0.01, "sqrt_kl": 0.0, "gold_reward": baseline + 5.0})
   (fit,) = sa.fit_all(rows)
   assert fit["gold_at_zero"] == baseline
+
+
+def test_results_written_before_the_methods_had_names_load_as_ppo(tmp_path):
+  rows = _synthetic_rows()
+  old = [{**r, "method": "rl"} if r["method"] == "ppo" else r for r in rows]
+  _write_results(tmp_path, old)
+  assert sa.load_results(str(tmp_path)) == rows

@@ -23,8 +23,12 @@ def _results(workdir):
 def test_plan_runs_every_stage_in_dependency_order(tmp_path):
   two = dict(sizes=("xs", "s"))
   names = [s.name for s in sweep.plan(micro_sweep_config(**two), str(tmp_path))]
-  assert names == ["tokenizer", "lm_xs", "lm_s", "lm_gold", "sft_xs", "sft_s", "pm_gold", "labels_xs", "pm_xs",
-                   "ppo_xs", "bon_xs", "evals_xs", "labels_s", "pm_s", "ppo_s", "bon_s", "evals_s"]
+  per_size = lambda n: [f"labels_{n}", f"pm_{n}", f"ppo_{n}", f"rloo_{n}", f"grpo_{n}", f"dpo_{n}_beta0.1",
+                        f"bon_{n}", f"evals_{n}"]
+  assert names == ["tokenizer", "lm_xs", "lm_s", "lm_gold", "sft_xs", "sft_s", "pm_gold", *per_size("xs"),
+                   *per_size("s")]
+  only_ppo = [s.name for s in sweep.plan(micro_sweep_config(methods=("ppo",), **two), str(tmp_path))]
+  assert only_ppo == [n for n in names if n.split("_")[0] not in ("rloo", "grpo", "dpo")]
   no_evals = micro_sweep_config(evals={"suites": ""}, **two)
   assert [s.name for s in sweep.plan(no_evals, str(tmp_path))] == [n for n in names if not n.startswith("evals_")]
   halves = [s.name for s in sweep.plan(micro_sweep_config(setup="halves", **two), str(tmp_path))]
@@ -52,6 +56,17 @@ def test_stage_configs_wire_the_pipeline(tmp_path):
   halves = micro_sweep_config(setup="halves")
   assert (sweep.pm_config(halves, w, "xs").data.half, sweep.pm_config(halves, w, "gold").data.half) == ("a", "b")
   assert sweep.pm_config(halves, w, "xs").data.path == ""
+  # The other methods: rl's settings with their own overrides; DPO on the proxy PM's comparisons,
+  # sampled and evaluated exactly as the RL runs are.
+  rloo, ppo = sweep.ppo_config(c, w, "xs", "rloo"), sweep.ppo_config(c, w, "xs")
+  assert (rloo.algorithm, rloo.ppo.samples_per_prompt, ppo.algorithm, ppo.ppo.samples_per_prompt) == ("rloo", 4, "ppo", 1)
+  assert rloo.ppo.rollout_batch == ppo.ppo.rollout_batch and rloo.train.steps == ppo.train.steps
+  dpo = sweep.dpo_config(c, w, "xs", 0.1)
+  assert dpo.preferences.to_dict() == sweep.pm_config(c, w, "xs").data.to_dict()
+  assert (dpo.dpo.beta, dpo.policy_from, dpo.pm_dir) == (0.1, ppo.policy_from, ppo.pm_dir)
+  assert dpo.eval.to_dict() == ppo.eval.to_dict() and dpo.data.to_dict() == ppo.data.to_dict()
+  assert all(dpo.ppo[k] == ppo.ppo[k] for k in ("prompt_len", "max_new_tokens", "temperature", "top_k", "top_p"))
+  assert sweep.dpo_config(halves, w, "xs", 0.5).preferences.half == "a"
 
 
 def test_bad_sweep_configs_are_named(tmp_path):
@@ -63,6 +78,10 @@ def test_bad_sweep_configs_are_named(tmp_path):
     sweep.plan(micro_sweep_config(models={"xs": {"depth": 2}, "gold": {}}, sizes=("xs",)), str(tmp_path))
   with pytest.raises(ValueError, match="setup='gao'"):
     sweep.plan(micro_sweep_config(setup="gao"), str(tmp_path))
+  with pytest.raises(ValueError, match=r"methods=\('ppo', 'reinforce'\)"):
+    sweep.plan(micro_sweep_config(methods=("ppo", "reinforce")), str(tmp_path))
+  with pytest.raises(ValueError, match=r"rloo\.ppo\.group: no such setting"):
+    sweep.plan(micro_sweep_config(rloo={"ppo": {"group": 4}}), str(tmp_path))
 
 
 class _Tok:
@@ -116,7 +135,7 @@ def test_micro_sweep_collects_every_point(micro_sweep_dir):
   rows = load_results(micro_sweep_dir)  # validated by the analysis reader
   assert rows == _results(micro_sweep_dir)
   for size in c.sizes:
-    rl = [r for r in rows if r["size"] == size and r["method"] == "rl"]
+    rl = [r for r in rows if r["size"] == size and r["method"] == "ppo"]
     bon = [r for r in rows if r["size"] == size and r["method"] == "bon"]
     assert [r["step"] for r in rl] == [0, 2, 4] and [r["step"] for r in bon] == [1, 2, 4]
     assert rl[0]["kl"] == 0.0 and bon[0]["kl"] == 0.0
@@ -138,16 +157,17 @@ def test_micro_sweep_collects_every_point(micro_sweep_dir):
       pm_cfg = json.load(f)
     assert pm_cfg["data"]["path"].endswith(f"labels_{size}/labels.jsonl")
     assert pm_cfg["num_train_comparisons"] + pm_cfg["num_eval_comparisons"] == num_labels
-  for name in ("scaling.md", "fits.json", "reward_vs_sqrt_kl.png", "proxy_vs_gold.png", "slope_vs_size.png"):
+  for name in ("scaling.md", "fits.json", "reward_vs_sqrt_kl.png", "proxy_vs_gold.png", "slope_vs_size.png",
+               "methods.md", "methods_frontier.png"):
     assert os.path.getsize(os.path.join(micro_sweep_dir, "analysis", name)) > 0
 
 
 def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_dir, capsys):
   before = {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))
             for d in os.listdir(micro_sweep_dir) if os.path.exists(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))}
-  assert len(before) == 10
+  assert len(before) == 13
   sweep.run_sweep(micro_sweep_config(), micro_sweep_dir)
-  assert capsys.readouterr().out.count("skipped") == 10
+  assert capsys.readouterr().out.count("skipped") == 13
   assert before == {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE)) for d in before}
   changed = micro_sweep_config()
   changed.rl.kl = {"coef": 0.5}
@@ -157,7 +177,7 @@ def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_
 
 def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_path, monkeypatch, capsys):
   # A copy of the finished sweep (settings are stored relative to the sweep, so it still resumes)
-  # without its last two stages, rerun with a preemption notice in the middle of ppo_xs.
+  # without its PPO, best-of-N and evals stages, rerun with a preemption notice in the middle of ppo_xs.
   workdir = str(tmp_path / "killed")
   shutil.copytree(micro_sweep_dir, workdir)
   for name in ("ppo_xs", "bon_xs", "evals_xs", "analysis", sweep.RESULTS_FILE):
@@ -179,7 +199,8 @@ def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_
   capsys.readouterr()
   sweep.run_sweep(micro_sweep_config(), workdir)
   out = capsys.readouterr().out
-  assert out.count("skipped") == 7 and "resumed from step 3" in out  # only ppo_xs, bon_xs, evals_xs ran
+  # Only ppo_xs, bon_xs and evals_xs ran (the other methods' stages do not depend on PPO's).
+  assert out.count("skipped") == 10 and "resumed from step 3" in out
   got, want = _results(workdir), _results(micro_sweep_dir)
   assert [(r["size"], r["method"], r["step"]) for r in got] == [(r["size"], r["method"], r["step"]) for r in want]
   for g, w in zip(got, want):
@@ -236,5 +257,64 @@ def test_paper_sweep_evaluates_every_size_on_whole_data_sets(tmp_path):
   assert [n for n in names if n.startswith("evals_")] == [f"evals_{size}" for size in c.sizes]
   ev = sweep.evals_config(c)
   assert ev.full and "elo" in ev.suites and tuple(ev.elo.bon_ns) == (4, 16, 64)
+  for size in c.sizes:
+    assert {f"ppo_{size}", f"rloo_{size}", f"grpo_{size}", sweep.dpo_stage_name(size, 0.1)} <= set(names)
   with pytest.raises(ValueError, match=r"evals\.bbq\.max_per_categry: no such setting"):
     sweep.plan(micro_sweep_config(evals={"bbq": {"max_per_categry": 3}}), str(tmp_path))
+
+
+def _independent_kl(stage_dir):
+  """KL(policy || initial) of a run's last checkpoint on its evaluation prompts, recomputed here:
+  the evaluator's samples (same mesh, prompts, seed), then per-token log-ratios from the two
+  models' logits with a float64 log-softmax, summed over each response and averaged."""
+  import functools
+  from rlhf_jax import sharding as shd
+  from rlhf_jax.batching import Encoded
+  from rlhf_jax.pm_evaluation import load_run_config
+  from rlhf_jax.sampling import generate
+  from rlhf_jax.train_ppo import FrozenModel, PromptBatcher, load_policy, prompt_texts, same_tokenizer
+  cfg = load_run_config(stage_dir)
+  mesh = shd.make_mesh(cfg.mesh.shape)
+  tok = same_tokenizer(cfg.policy_from)
+  _, texts = prompt_texts(cfg, stage_dir)
+  prompts = PromptBatcher([Encoded(tok.encode(t), []) for t in texts[:cfg.eval.num_prompts]],
+                          batch_size=cfg.eval.num_prompts, seq_len=cfg.ppo.prompt_len, seed=cfg.train.seed,
+                          pad_id=tok.pad_id).in_order()[0]
+  policy, initial = load_policy(stage_dir, mesh), FrozenModel(cfg.policy_from, mesh)
+  gen = functools.partial(generate, model=initial.model, max_new_tokens=cfg.ppo.max_new_tokens,
+                          temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p,
+                          eos_id=tok.eos_id, pad_id=tok.pad_id)(
+      policy.params, prompts["tokens"], prompts["attention_mask"], jax.random.PRNGKey(cfg.eval.seed))
+  tokens = np.concatenate([np.asarray(gen.prompt_tokens), np.asarray(gen.tokens)], axis=1)
+  mask = np.concatenate([np.asarray(gen.prompt_mask), np.asarray(gen.mask)], axis=1)
+  p, response, valid = gen.prompt_tokens.shape[1], np.asarray(gen.tokens), np.asarray(gen.mask)
+
+  def token_logp(params):
+    logits = np.asarray(initial.model.apply({"params": params}, tokens, attention_mask=mask).logits, np.float64)
+    logits = logits[:, p - 1:-1]
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    return np.take_along_axis(logits, response[..., None], axis=-1)[..., 0] - logz
+
+  ratio = np.where(valid, token_logp(policy.params) - token_logp(initial.params), 0.0)
+  return ratio.sum(axis=1).mean()
+
+
+def test_every_method_is_measured_on_the_same_axes(micro_sweep_dir):
+  rows = load_results(micro_sweep_dir)
+  by_method = {m: [r for r in rows if r["method"] == m] for m in ("ppo", "rloo", "grpo", "dpo")}
+  assert all(len(rs) == 3 for rs in by_method.values()), {m: len(rs) for m, rs in by_method.items()}
+  assert {r["beta"] for r in by_method["dpo"]} == {0.1}
+  # Step 0 is the initial policy, evaluated by one function on the same prompts with the same seeds.
+  start = {m: next((r["kl"], r["proxy_reward"], r["gold_reward"]) for r in rs if r["step"] == 0)
+           for m, rs in by_method.items()}
+  assert start["ppo"][0] == 0.0 and len(set(start.values())) == 1, start
+  # The logged KL of the last point is the k1 sum over sampled tokens, whichever trainer logged it.
+  for stage, method in (("rloo_xs", "rloo"), ("dpo_xs_beta0.1", "dpo")):
+    logged = max(by_method[method], key=lambda r: r["step"])["kl"]
+    assert abs(logged) > 1e-3, f"{method} never moved: the check below would be vacuous"
+    # float32 log-softmax in the evaluator: ~1e-6 per token, 8 tokens, against a KL far larger.
+    assert logged == pytest.approx(_independent_kl(os.path.join(micro_sweep_dir, stage)), abs=2e-4), method
+  with open(os.path.join(micro_sweep_dir, "analysis", "methods.md")) as f:
+    table = f.read()
+  for method in ("ppo", "rloo", "grpo", "dpo", "bon"):
+    assert f"| xs | {method} |" in table

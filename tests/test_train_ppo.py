@@ -114,3 +114,16 @@ def test_prompt_file_is_split_into_disjoint_train_and_held_out_prompts(tmp_path)
   assert len(held_out) == 5 and len(train) == 15
   assert sorted(train + held_out) == sorted(texts)
   assert train == [t for t in texts if t in train]  # file order kept
+
+
+def test_critic_free_run_trains_the_policy_alone_on_groups_of_samples(runs, tmp_path):
+  config = _ppo_config(runs, 2)
+  config.algorithm, config.ppo.samples_per_prompt = "grpo", 4  # 2 prompts x 4 samples per iteration
+  train_ppo.train(config, str(tmp_path / "grpo"))
+  start, *rows = read_metrics(str(tmp_path / "grpo"))
+  assert start["eval_kl"] == 0.0 and [r["step"] for r in rows] == [1, 2]
+  assert "value_loss" not in rows[0] and np.isfinite(rows[0]["policy_loss"])
+  state = _raw_state(tmp_path / "grpo", 2)
+  assert set(state["params"]) == {"policy"}  # no value model, whatever value_from says
+  assert int(state["data_position"]) == 2 * 2  # prompts consumed: rollout_batch / samples_per_prompt
+  assert rows[-1]["eval_kl"] != 0.0  # the updates moved the policy away from the initial one

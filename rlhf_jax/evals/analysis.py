@@ -102,14 +102,18 @@ def bias_figure(rows: Sequence[dict]) -> Figure:
   return fig
 
 
+_LEGACY = {"rl": "ppo"}  # evals.json written before the RL methods had names
+
+
 def elo_figure(evals: Sequence[dict]) -> Figure:
   """Elo (judged by the gold PM) against sqrt(KL): PPO snapshots joined, best-of-n dashed."""
   fig = Figure(figsize=(5.5, 4))
   ax = fig.add_subplot()
   for i, e in enumerate(evals):
     colour = f"C{i}"
-    for method, style in (("rl", "o-"), ("bon", "s--")):
-      rs = sorted((r for r in e.get("elo", []) if r["method"] == method and math.isfinite(r["sqrt_kl"])),
+    for method, style in (("ppo", "o-"), ("bon", "s--")):
+      rs = sorted((r for r in e.get("elo", []) if method in (r["method"], _LEGACY.get(r["method"]))
+                   and math.isfinite(r["sqrt_kl"])),
                   key=lambda r: r["sqrt_kl"])
       if method == "bon":  # best-of-n starts from the initial policy too
         rs = [r for r in e.get("elo", []) if r["name"] == "initial"] + rs
@@ -117,7 +121,7 @@ def elo_figure(evals: Sequence[dict]) -> Figure:
         continue
       err = np.array([[r["elo"] - r["elo_lo"], r["elo_hi"] - r["elo"]] for r in rs]).T
       ax.errorbar([r["sqrt_kl"] for r in rs], [r["elo"] for r in rs], yerr=np.abs(err), fmt=style, color=colour,
-                  capsize=2, label=f"{e['size']} {'PPO' if method == 'rl' else 'best-of-n'}")
+                  capsize=2, label=f"{e['size']} {'PPO' if method == 'ppo' else 'best-of-n'}")
   ax.set_xlabel("sqrt(KL(policy || initial))")
   ax.set_ylabel("Elo (gold PM judge; per size, mean 0)")
   ax.legend(fontsize=7)

@@ -51,7 +51,7 @@ def snapshot_elo(initial, ppo_dir: str, judge, selector, prompts: dict, kl_by_st
   for c, kl in zip(contestants, kls):
     method, _, step = c.name.partition("@")
     lo, hi = result["elo_ci"][c.name]
-    rows.append({"name": c.name, "method": "rl" if method in ("initial", "ppo") else method,
+    rows.append({"name": c.name, "method": "ppo" if method == "initial" else method,
                  "step": int(step or 0), "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)) if kl == kl else math.nan,
                  "elo": result["elo"][c.name], "elo_lo": lo, "elo_hi": hi,
                  "mean_gold_score": result["mean_judge_score"][c.name]})
