@@ -37,8 +37,8 @@ from rlhf_jax import sharding as shd
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.simulated_labeller import expected_agreement, noisy_preferences, tau_for_agreement
-from rlhf_jax.stages import (Stage, barrier, exit_75_if_interrupted, override, run_stages, trainer_stage,
-                             write_jsonl)
+from rlhf_jax.stages import (Stage, barrier, exit_75_if_interrupted, override, run_stages,
+                             trainer_stage, use_compilation_cache, write_jsonl)
 
 ONLINE_FILE = "online.jsonl"
 ARMS = ("online", "static")
@@ -291,6 +291,8 @@ def run_online(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
 def main_factory() -> Callable:
   config_flag = config_flags.DEFINE_config_file("config", None, "e.g. experiments/online_tiny.py.", lock_config=True)
   workdir_flag = flags.DEFINE_string("workdir", None, "Experiment directory (default: config.workdir).")
+  cache_flag = flags.DEFINE_string("compilation_cache", "", "A directory for XLA's persistent compilation "
+                                   "cache, shared by later runs ('' = off).")
   stop_flag = flags.DEFINE_string("stop_after", "", "Stop after this stage.")
 
   def main(argv):
@@ -300,6 +302,7 @@ def main_factory() -> Callable:
     if config_flag.value is None:
       cli.fail("--config is required, e.g. --config=experiments/online_tiny.py")
     workdir = workdir_flag.value or config_flag.value.workdir
+    use_compilation_cache(cache_flag.value)
     out = exit_75_if_interrupted(run_online, config_flag.value, workdir, stop_after=stop_flag.value)
     if "analysis" in out:
       with open(out["analysis"]["table"], encoding="utf-8") as f:

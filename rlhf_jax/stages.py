@@ -146,6 +146,20 @@ def run_stages(stages: list[Stage], workdir: str, *, stop_after: str = "") -> di
   return timings
 
 
+def use_compilation_cache(directory: str) -> None:
+  """XLA's persistent compilation cache in `directory` ("" = off; $JAX_COMPILATION_CACHE_DIR wins).
+
+  Entries are keyed by the program, the jax version and the machine, so a later compile of the
+  same program (another seed's sweep, a rerun in a new directory) is a load; an entry the backend
+  rejects (e.g. written on another CPU) is compiled afresh, never run. Off by default: on a fresh
+  tiny sweep, writing the entries costs what the few in-run hits save (benchmarks/RESULTS.md).
+  """
+  if not directory or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # tiny models: most compiles < 1 s
+
+
 def exit_75_if_interrupted(fn: Callable, *args, **kwargs):
   """fn(*args, **kwargs) for an entry point; a preempted stage is one line and exit status 75
   (EX_TEMPFAIL: schedulers may requeue the job, and the rerun resumes)."""

@@ -47,8 +47,9 @@ from rlhf_jax import cli
 from rlhf_jax import sharding as shd
 from rlhf_jax.best_of_n import best_of_n
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.stages import (STAGE_DONE, Stage, StageInterrupted, barrier, exit_75_if_interrupted,  # noqa: F401
-                             override, run_stages, trainer_stage, write_jsonl)
+from rlhf_jax.stages import (STAGE_DONE, Stage, StageInterrupted, barrier,  # noqa: F401
+                             exit_75_if_interrupted, override, run_stages, trainer_stage, use_compilation_cache,
+                             write_jsonl)
 from rlhf_jax.lm_data import train_eval_records
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.model_config import ModelConfig, get_preset, param_counts
@@ -413,6 +414,8 @@ def main_factory() -> Callable:
   config_flag = config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. experiments/tiny_sweep.py.",
                                                 lock_config=True)
   workdir_flag = flags.DEFINE_string("workdir", None, "Sweep directory (default: config.workdir).")
+  cache_flag = flags.DEFINE_string("compilation_cache", "", "A directory for XLA's persistent compilation "
+                                   "cache, shared by later runs ('' = off).")
   stop_flag = flags.DEFINE_string("stop_after", "", "Stop after this stage (e.g. lm_gold).")
   distributed_flag = flags.DEFINE_bool("jax_distributed", False,
                                        "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
@@ -426,6 +429,7 @@ def main_factory() -> Callable:
     if config_flag.value is None:
       cli.fail("--config is required, e.g. --config=experiments/tiny_sweep.py")
     workdir = workdir_flag.value or config_flag.value.workdir
+    use_compilation_cache(cache_flag.value)
     out = exit_75_if_interrupted(run_sweep, config_flag.value, workdir, stop_after=stop_flag.value)
     if "analysis" in out:
       with open(out["analysis"]["table"], encoding="utf-8") as f:

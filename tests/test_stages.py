@@ -63,3 +63,39 @@ def test_model_variants_added_for_imports_keep_finished_stages(tmp_path):
   assert calls == ["pm"]
   with pytest.raises(ValueError, match=r"model.norm_offset None -> 1.0"):
     stages.run_stages([_stage("pm", {"model": dict(same, norm_offset=1.0)}, calls)], w)
+
+
+_CACHE_SCRIPT = r"""
+import json, os, sys
+import jax, jax.numpy as jnp, numpy as np
+from rlhf_jax.stages import use_compilation_cache
+use_compilation_cache(sys.argv[1])
+hits = []
+jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
+def make():  # a new function object each time, as each stage builds its own steps
+  def f(x):
+    for _ in range(3):
+      x = jnp.tanh(x @ x.T) + jnp.sin(x)
+    return x
+  return jax.jit(f)
+x = jnp.linspace(-1.0, 1.0, 256, dtype=jnp.float32).reshape(16, 16)
+first, second = (np.asarray(make()(x)) for _ in range(2))
+print(json.dumps({"hits": len(hits), "same": bool((first == second).all()), "dir": jax.config.jax_compilation_cache_dir}))
+"""
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compilation_cache_serves_the_same_program_to_a_second_wrapper(tmp_path, enabled):
+  import json
+  import subprocess
+  import sys
+  cache = str(tmp_path / "cache") if enabled else ""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, cache], capture_output=True, text=True, env=env,
+                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got["same"]  # a loaded executable computes what a fresh compile does, bitwise
+  if enabled:
+    assert got["dir"] == cache and got["hits"] >= 1 and os.listdir(cache)
+  else:
+    assert got["dir"] is None and got["hits"] == 0
