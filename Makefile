@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The main job (CPU, offline, bundled data): the tiny scaling sweep. Three sizes and a gold PM:
-# LMs, gold-labelled proxy PMs, PPO and best-of-N, reward against sqrt KL, fits and plots.
+# LMs, gold-labelled proxy PMs, PPO, RLOO, GRPO, DPO and best-of-N, reward against sqrt KL, fits,
+# plots and evaluations.
 # Rerunning skips finished stages and resumes an interrupted one.
 SWEEP ?= experiments/tiny_sweep.py
 run: setup
