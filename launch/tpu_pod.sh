@@ -13,7 +13,7 @@
 # code reads paths, not gs:// URLs; gcsfuse turns the bucket into one.
 #
 # Exit status: the job's (2: a mistake in the command line or config). 75 means preempted: the
-# sweep (and rlhf_jax.online) exits 75 after checkpointing on SIGTERM, and this script exits 75
+# sweep, rlhf_jax.online and every trainer exit 75 after checkpointing on SIGTERM; this script exits 75
 # when the slice went away under the job. Run the same command again: a PREEMPTED slice is deleted and created anew (a
 # deleted one just created) and the job resumes from stage_done.json and the checkpoints in the
 # bucket. --spot creates the slice as a Spot VM. TPU_SOFTWARE_VERSION picks the runtime image.

@@ -205,6 +205,11 @@ def config_main(train: Callable[[Any, str], dict], example: str) -> Callable:
       cli.fail(f"--config is required, e.g. --config={example}")
     workdir = workdir_flag.value or config.workdir
     last = train(config, workdir)
+    with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+      saved = ckpt.latest_step()
+    if saved != config.train.steps:  # stopped by SIGTERM after checkpointing: not done
+      print(f"interrupted at step {saved} of {config.train.steps}; run the same command again to resume")
+      raise SystemExit(75)  # EX_TEMPFAIL, as the sweep: schedulers requeue, the rerun resumes
     print(f"done: {workdir} (metrics: {os.path.join(workdir, 'metrics.jsonl')}); last: {last}")
 
   return main

@@ -107,7 +107,8 @@ def test_preempted_run_resumes_bitwise(tmp_path):
   stop_at = int(np.random.default_rng().integers(2, steps - 2))  # a random point, as in a real preemption
   workdir = tmp_path / "preempted"
   code, out = _run_until(workdir, overrides, stop_at, signal.SIGTERM)
-  assert code == 0, out[-2000:]  # preemption is a clean exit...
+  assert code == 75, out[-2000:]  # preemption is a clean exit with EX_TEMPFAIL (requeue me)...
+  assert f"interrupted at step" in out
   assert Checkpointer(str(workdir / "checkpoints")).latest_step() < steps  # ...that stopped early
   rerun = subprocess.run(_cli(workdir, *overrides), cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=300)
