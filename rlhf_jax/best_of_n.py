@@ -55,15 +55,8 @@ def sample_scores(policy, pms: dict, prompts: dict, n: int, rng: jax.Array, *, m
   out = {}
   for name, frozen in pms.items():
     raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask, eoc_id)
-    out[name] = np.asarray(_gathered(raw), np.float64).reshape(-1, n)
+    out[name] = shd.to_host(raw).astype(np.float64).reshape(-1, n)
   return out
-
-
-def _gathered(x: jax.Array) -> jax.Array:
-  if jax.process_count() > 1 and not x.is_fully_addressable:  # rows live on other hosts too
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(x, tiled=True)
-  return x
 
 
 def select_best(proxy: np.ndarray, others: dict[str, np.ndarray], ns: Sequence[int]) -> list[dict]:

@@ -107,6 +107,15 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, batch)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """x as a numpy array on every process: on several hosts an array whose rows live on other
+  hosts' devices is all-gathered first (np.asarray alone refuses it)."""
+  if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
 def cache_sharding(mesh: Mesh, stacked: bool, rules=LOGICAL_RULES) -> NamedSharding:
   """KV cache [(layers,) batch, slots, kv_heads, head_dim]: batch over data axes, heads over tensor."""
   axes = ("batch", "length", "kv_heads", "head_dim")

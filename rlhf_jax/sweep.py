@@ -196,9 +196,9 @@ def gold_labels(policy, gold, tok: Tokenizer, prompts: list[str], *, num_pairs: 
                    np.repeat(batch["attention_mask"], 2, axis=0), key, model=policy.model,
                    max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
                    pad_id=tok.pad_id)
-    scores = np.asarray(pm_score(gold.model, gold.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens,
-                                 gen.mask, tok.eoc_id), np.float64).reshape(-1, 2)
-    tokens, mask = np.asarray(gen.tokens), np.asarray(gen.mask)
+    scores = shd.to_host(pm_score(gold.model, gold.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens,
+                                  gen.mask, tok.eoc_id)).astype(np.float64).reshape(-1, 2)
+    tokens, mask = shd.to_host(gen.tokens), shd.to_host(gen.mask)  # every host writes the same labels
     special = (tok.eos_id, tok.pad_id, tok.eoc_id)
     texts = [tok.decode([t for t, m in zip(row, ok) if m and t not in special]) for row, ok in zip(tokens, mask)]
     for i, prompt in enumerate(chunk):

@@ -71,6 +71,10 @@ def train(mesh, seed: int) -> dict:
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
     snapshots.append(snapshot(state.params))
+  # A batch-sharded array read back on the host (as gold labels and best-of-N read samples and
+  # scores): whole on every process, the other host's rows gathered (np.asarray alone refuses it).
+  host = comparisons(seed, STEPS)
+  np.testing.assert_array_equal(shd.to_host(shd.shard_batch(host, mesh)["tokens"]), host["tokens"])
   return {"losses": losses, "params": snapshots}
 
 

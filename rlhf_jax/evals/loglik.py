@@ -109,7 +109,7 @@ class Scorer:
     seqs = [s for s, _ in fitted]
     out: list[Optional[np.ndarray]] = [None] * len(seqs)
     for idx, tokens, mask in self._batches(seqs, desc):
-      logp = np.asarray(self._logprobs(self.params, tokens, mask), np.float64)  # [B, L-1]
+      logp = shd.to_host(self._logprobs(self.params, tokens, mask)).astype(np.float64)  # [B, L-1]
       for row, i in enumerate(idx):
         # token t is predicted at position t - 1
         out[i] = logp[row, fitted[i][1] - 1:len(seqs[i]) - 1]
@@ -134,7 +134,7 @@ class Scorer:
       raise ValueError("mean_activations: every sequence needs at least one token")
     out = np.zeros((len(seqs), self.cfg.d_model), np.float64)
     for idx, tokens, mask in self._batches(seqs, desc):
-      acts = np.asarray(self._activations[k](self.params, tokens, mask), np.float64)
+      acts = shd.to_host(self._activations[k](self.params, tokens, mask)).astype(np.float64)
       out[idx] = acts[:len(idx)]
     return out
 
