@@ -265,7 +265,7 @@ def test_halves_train_on_disjoint_halves(run, tmp_path):
       assert ckpt.all_steps() == [2]
     assert (tmp_path / half / "eval_pm.json").exists()
     config = load_run_config(str(tmp_path / half))
-    lines[half] = {r["line"] for r in train_pm._records(config, str(tmp_path / half))[0]}
+    lines[half] = {r["line"] for r in train_pm.comparison_records(config, str(tmp_path / half))[0]}
 
   full_train, _, _ = train_eval_records(config, str(tmp_path))
   assert len(full_train) == 47
