@@ -5,8 +5,8 @@ and best-of-N on one panel, and a table of the gold reward at a few KL budgets k
 "common KL" (the largest KL every method of that size reached, where all can be compared) and at
 fixed budgets. The value at k is read off the measured points (averaged over seeds), sorted by
 KL and interpolated linearly; a method that never reached KL = k has no value there (no
-extrapolation), and the Gao fit of each method (rlhf_jax.scaling_analysis) is given beside it. Written by scaling_analysis.analyse
-into <run_dir>/analysis/: methods.md, methods_frontier.png.
+extrapolation), and the Gao fit of each method (rlhf_jax.scaling_analysis) is given beside it.
+Written by scaling_analysis.analyse into <run_dir>/analysis/: methods.md, methods_frontier.png.
 """
 from __future__ import annotations
 
@@ -35,12 +35,11 @@ def gold_at_kl(rows: Sequence[dict], ks: Sequence[float] = KL_BUDGETS) -> dict[t
 
 
 def format_table(rows: Sequence[dict], fits: Sequence[dict], ks: Sequence[float] = KL_BUDGETS) -> str:
-  at = gold_at_kl(rows, ks)
-  reached = [k for k in ks if any(not math.isnan(v[k]) for v in at.values())]
   fit_of = {(f["size"], f["method"]): f for f in fits}
-  curves = sa.mean_curves(rows)
-  max_kl = {key: float(np.max(c["sqrt_kl"]) ** 2) for key, c in curves.items()}
-  common = {size: min(v for (s, _), v in max_kl.items() if s == size) for size, _ in curves}
+  max_kl = {key: float(np.max(c["sqrt_kl"]) ** 2) for key, c in sa.mean_curves(rows).items()}
+  common = {size: min(v for (s, _), v in max_kl.items() if s == size) for size, _ in max_kl}
+  at = gold_at_kl(rows, (*ks, *common.values()))  # one pass: the budgets and every size's common KL
+  reached = [k for k in ks if any(not math.isnan(v[k]) for v in at.values())]
   head = ["size", "method", "common KL", "gold @ common KL", *(f"gold @ KL={k:g}" for k in reached), "max KL",
           "Gao alpha", "Gao beta"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -48,8 +47,7 @@ def format_table(rows: Sequence[dict], fits: Sequence[dict], ks: Sequence[float]
   for (size, method), values in at.items():
     f = fit_of.get((size, method), {})
     k = common[size]
-    cells = [size, method, sa._cell(k), dash(gold_at_kl([r for r in rows if r["size"] == size and r["method"] == method],
-                                                    (k,))[(size, method)][k]),
+    cells = [size, method, sa._cell(k), dash(values[k]),
              *(dash(values[b]) for b in reached), sa._cell(max_kl[(size, method)]),
              sa._cell(f.get("gao_alpha", math.nan)), sa._cell(f.get("gao_beta", math.nan))]
     lines.append("| " + " | ".join(cells) + " |")
