@@ -4,6 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= tiny  # for bench
 
+# Full local copies of the data sets (README, Data): $RLHF_JAX_DATA_DIR if set, else ../shared/data
+# beside the checkout if it exists; `make test DATA_DIR=` runs on the bundled samples only. Set here,
+# not found by the package: it never looks outside its own tree.
+DATA_DIR := $(or $(RLHF_JAX_DATA_DIR),$(abspath $(wildcard ../shared/data)))
+ifeq ($(strip $(DATA_DIR)),)
+unexport RLHF_JAX_DATA_DIR
+else
+export RLHF_JAX_DATA_DIR := $(DATA_DIR)
+endif
+
 .PHONY: setup run online test bench clean
 
 $(VENV)/.installed: pyproject.toml
@@ -20,11 +30,11 @@ setup: $(VENV)/.installed
 # Rerunning skips finished stages and resumes an interrupted one.
 SWEEP ?= experiments/tiny_sweep.py
 run: setup
-	$(PY) -m rlhf_jax.sweep --config=$(SWEEP)
+	$(PY) -m rlhf_jax sweep --config=$(SWEEP)
 
 # Iterated online RLHF at the tiny sizes (online vs static arms, three rounds): runs/online_tiny/.
 online: setup
-	$(PY) -m rlhf_jax.online --config=experiments/online_tiny.py
+	$(PY) -m rlhf_jax online --config=experiments/online_tiny.py
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -19,15 +19,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-
 from report import report  # benchmarks/report.py (scripts run from this folder's path)
-from rlhf_jax import lm
-from rlhf_jax import sharding as shd
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import flops_per_token, get_preset, param_counts
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.sampling import generate
-from rlhf_jax.train_state import create_train_state
+
+from rlhf_jax.model.config import flops_per_token, get_preset, param_counts
+from rlhf_jax.model.sampling import generate
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.trainers import lm_steps
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.train_state import create_train_state
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -69,7 +69,7 @@ def bench_train(cfg, batch: int, seq: int, steps: int) -> dict:
                                        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
   tx = make_optimizer(opt, total_steps=steps + 1)
   state, shardings = create_train_state(lambda r: init_params(cfg, r), tx, mesh, jax.random.PRNGKey(0))
-  step = lm.jit_lm_train_step(Transformer(cfg), tx, mesh, shardings)
+  step = lm_steps.jit_lm_train_step(Transformer(cfg), tx, mesh, shardings)
   rng = np.random.default_rng(0)
   data = shd.shard_batch({"tokens": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
                           "loss_mask": np.ones((batch, seq), np.float32),

@@ -18,15 +18,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-
 from report import report  # benchmarks/report.py (scripts run from this folder's path)
-from rlhf_jax import sharding as shd
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import get_preset
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.ppo_steps import Models, PPOHyper, ppo_update, score_rollout
-from rlhf_jax.sampling import generate
-from rlhf_jax.train_state import create_train_state
+
+from rlhf_jax.model.config import get_preset
+from rlhf_jax.model.sampling import generate
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.trainers.ppo_steps import Models, PPOHyper, ppo_update, score_rollout
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.train_state import create_train_state
 
 
 def main():

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from rlhf_jax.metrics import read_metrics  # noqa: E402
+from rlhf_jax.training.metrics import read_metrics  # noqa: F401
 
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
            JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "rlhf_jax_bench_compilation_cache"),
@@ -42,13 +42,13 @@ GOOD = {"chosen": "\n\nHuman: hi there\n\nAssistant: hello, how can I help?",
 
 def command(kind, workdir, runs, *extra):
   """The trainer's command line; runs: {"lm": dir, "pm": dir} the PM starts from and PPO uses."""
-  cmd = [sys.executable, "-m", f"rlhf_jax.train_{kind}", f"--config=configs/{kind}.py:tiny",
+  cmd = [sys.executable, "-m", "rlhf_jax", f"train_{kind}", f"--config=configs/{kind}.py:tiny",
          f"--workdir={workdir}", f"--config.train.steps={STEPS[kind]}", *COMMON]
   if kind == "pm" and runs.get("lm"):
     cmd.append(f"--config.init_from={runs['lm']}")
   if kind == "ppo":
     cmd += [f"--config.policy_from={runs['lm']}", f"--config.pm_dir={runs['pm']}",
-            "--config.ppo.rollout_batch=8", "--config.ppo.max_new_tokens=6", "--config.ppo.prompt_len=16",
+            "--config.ppo.rollout_batch=8", "--config.sampling.max_new_tokens=6", "--config.sampling.prompt_len=16",
             "--config.eval.num_prompts=8", "--config.train.eval_every=3", "--config.data.max_examples=120"]
   else:
     cmd += SMALL
@@ -185,7 +185,7 @@ def non_finite(out, runs, table):
 def bad_inputs(out, runs, table):
   """A PM started from the reference LM (its tokenizer too) on a user's comparison file."""
   def pm_on(path, *extra):
-    return run([sys.executable, "-m", "rlhf_jax.train_pm", "--config=configs/pm.py:tiny",
+    return run([sys.executable, "-m", "rlhf_jax", "train_pm", "--config=configs/pm.py:tiny",
                 f"--workdir={tempfile.mkdtemp(dir=out)}", f"--config.data.path={path}",
                 f"--config.init_from={runs['lm']}",
                 "--config.progress_bar=False", "--config.mesh.shape=(1,1,1)", "--config.train.steps=2",

@@ -68,12 +68,13 @@ def _compile_pm(cfg, mesh, batch: int, seq: int, grad_accum: int = 1):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from rlhf_jax import sharding as shd
-  from rlhf_jax.model import Transformer, init_params
-  from rlhf_jax.optimizer import make_optimizer
-  from rlhf_jax.pm import pm_train_step
-  from rlhf_jax.train_state import state_shardings
+
   from configs import pm as pm_config
+  from rlhf_jax.model.transformer import Transformer, init_params
+  from rlhf_jax.trainers.pm_steps import pm_train_step
+  from rlhf_jax.training import sharding as shd
+  from rlhf_jax.training.optimizer import make_optimizer
+  from rlhf_jax.training.train_state import state_shardings
   tx = make_optimizer(pm_config.get_config("13m").optimizer, 1000)  # AdamW: two moments per parameter
   abstract, shardings = state_shardings(lambda r: init_params(cfg, r), tx, mesh)
   bs = shd.batch_sharding(mesh)
@@ -92,10 +93,11 @@ def _compile_rollout(cfg, mesh, batch: int, seq: int, grad_accum: int = 1):
   import jax
   import jax.numpy as jnp
   import optax
-  from rlhf_jax import sharding as shd
-  from rlhf_jax.model import Transformer, init_params
-  from rlhf_jax.sampling import generate
-  from rlhf_jax.train_state import state_shardings
+
+  from rlhf_jax.model.sampling import generate
+  from rlhf_jax.model.transformer import Transformer, init_params
+  from rlhf_jax.training import sharding as shd
+  from rlhf_jax.training.train_state import state_shardings
   abstract, _ = state_shardings(lambda r: init_params(cfg, r), optax.identity(), mesh)
   bs = shd.batch_sharding(mesh)
   prompt = seq // 2
@@ -114,13 +116,14 @@ def _compile_ppo_update(cfg, mesh, batch: int, seq: int, grad_accum: int = 1):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
+
   from configs import ppo as ppo_config
-  from rlhf_jax import sharding as shd
-  from rlhf_jax.model import Transformer, init_params
-  from rlhf_jax.optimizer import make_optimizer
-  from rlhf_jax.ppo_steps import Models, PPOHyper, ppo_update, score_rollout
-  from rlhf_jax.sampling import Generation
-  from rlhf_jax.train_state import state_shardings
+  from rlhf_jax.model.sampling import Generation
+  from rlhf_jax.model.transformer import Transformer, init_params
+  from rlhf_jax.trainers.ppo_steps import Models, PPOHyper, ppo_update, score_rollout
+  from rlhf_jax.training import sharding as shd
+  from rlhf_jax.training.optimizer import make_optimizer
+  from rlhf_jax.training.train_state import state_shardings
   tx = make_optimizer(ppo_config.get_config("13m").optimizer, 1000)
   init = lambda r: {"policy": init_params(cfg, r), "value": init_params(cfg, r)}
   abstract, shardings = state_shardings(init, tx, mesh, {"kl_coef": jnp.float32(0.0)})
@@ -147,8 +150,9 @@ def _compile_ppo_update(cfg, mesh, batch: int, seq: int, grad_accum: int = 1):
 
 def plan_one(preset: str, step: str, mesh_shape, batch: int, seq: int, remat: str = "", grad_accum: int = 1) -> dict:
   import dataclasses
-  from rlhf_jax import sharding as shd
-  from rlhf_jax.model_config import get_preset, param_counts
+
+  from rlhf_jax.model.config import get_preset, param_counts
+  from rlhf_jax.training import sharding as shd
   cfg = dataclasses.replace(get_preset(preset), dtype="bfloat16", scan_layers=True, max_seq_len=max(seq, 2048))
   cfg = dataclasses.replace(cfg, remat=remat or cfg.remat)
   mesh = shd.make_mesh(mesh_shape)

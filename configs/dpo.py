@@ -3,8 +3,8 @@
 Required: --config.policy_from=RUN (the initial policy, also DPO's frozen reference),
 --config.pm_dir=RUN (a PM, for evaluation only: DPO never reads it while training), and the
 comparisons in `preferences` (hh-rlhf format: a file in preferences.path, or a subset/split).
-The policy is evaluated as PPO's is: samples on held-out prompts of `data` (ppo.prompt_len,
-ppo.max_new_tokens, sampling settings), KL against policy_from, every PM's score.
+The policy is evaluated as PPO's is: samples on held-out prompts of `data` (the `sampling`
+section, the same as PPO's), KL against policy_from, every PM's score.
 """
 import ml_collections
 
@@ -14,10 +14,8 @@ from configs import pm, ppo
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   tiny = preset == "tiny"
   c = ppo.get_config(preset)
-  for key in ("algorithm", "value_from", "kl"):
-    del c[key]
-  sampling = ("prompt_len", "max_new_tokens", "temperature", "top_k", "top_p")
-  c.ppo = ml_collections.ConfigDict({k: c.ppo[k] for k in sampling})  # evaluation samples only
+  for key in ("algorithm", "value_from", "kl", "ppo"):
+    del c[key]  # c.sampling stays: how the policy is sampled for its evaluation
   c.preferences = pm.get_config(preset).data  # the comparisons (what a proxy PM would see)
   c.dpo = ml_collections.ConfigDict({
       "beta": 0.1,  # strength of the implicit KL constraint (Rafailov et al. 2023)

@@ -1,9 +1,9 @@
-"""Evaluations of a trained policy: `python -m rlhf_jax.evaluate --config=configs/evaluate.py
+"""Evaluations of a trained policy: `python -m rlhf_jax evaluate --config=configs/evaluate.py
 --config.policy_dir=RUN [--config.suites=bias_cloze,winogender,bbq,ood,mc]`.
 
 RUN is any LM, SFT or PPO run directory. The defaults are small subsets of the data bundled with
-the package (CPU-friendly); `--config.full=True` uses whole data sets (BBQ from
-$RLHF_JAX_EVALS_DIR or ../shared/data/evals beside the checkout, or `bbq.path`).
+the package (CPU-friendly); `--config.full=True` uses whole data sets (BBQ and
+Winogender from $RLHF_JAX_DATA_DIR/evals/, or `bbq.path` / `winogender.path`).
 """
 import ml_collections
 

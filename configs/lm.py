@@ -5,7 +5,7 @@ Override anything from the command line, e.g.
 """
 import ml_collections
 
-from rlhf_jax.model_config import get_preset
+from rlhf_jax.model.config import get_preset
 
 # Our own short helpful-honest-harmless prompt for context distillation (in the spirit of
 # Askell et al. 2021, whose prompt is much longer); override with --config.distill.prompt.
@@ -57,7 +57,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "split": "test",  # the one split available offline; "train" with the full download
       "eval_split": "",  # "" holds out eval_fraction of `split` instead
       "eval_fraction": 0.1,
-      "source_dir": "",  # "" = $RLHF_JAX_HH_RLHF_DIR, ../shared, bundled sample, else download
+      "source_dir": "",  # "" = $RLHF_JAX_DATA_DIR/hh-rlhf, bundled sample, else download
       "tfds_dir": "",  # where the prepared dataset is written; "" = <workdir>/tfds
       "skip_malformed": False,
       # Comparisons whose chosen and rejected texts are identical: no preference to learn, and

@@ -8,6 +8,16 @@ import ml_collections
 from configs import lm
 
 
+def sampling_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  """How a policy is sampled, in training and in its evaluation: shared by PPO and DPO runs."""
+  tiny = preset == "tiny"
+  return ml_collections.ConfigDict({
+      "prompt_len": 32 if tiny else 256,  # prompts are truncated from the left to this many tokens
+      "max_new_tokens": 16 if tiny else 256,
+      "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+  })
+
+
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   tiny = preset == "tiny"
   c = lm.get_config(preset)
@@ -19,7 +29,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.policy_from = ""
   c.pm_dir = ""
   c.algorithm = "ppo"  # "ppo" (value model + GAE) | "rloo" | "grpo" (critic-free: groups of
-  #                      ppo.samples_per_prompt samples per prompt, rlhf_jax.critic_free)
+  #                      ppo.samples_per_prompt samples per prompt, rlhf_jax.objectives.critic_free)
   c.value_from = "pm"  # "pm": a separate value network initialised from the PM; "shared": the
   #                      policy's trunk with its scalar head as the value head
   c.kl = ml_collections.ConfigDict({
@@ -33,14 +43,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "samples_per_prompt": 1,  # >= 2 for rloo / grpo: rollout_batch / this many prompts each time
       "num_minibatches": 2 if tiny else 8,
       "epochs": 2 if tiny else 4,
-      "prompt_len": 32 if tiny else 256,
-      "max_new_tokens": 16 if tiny else 256,
-      "temperature": 1.0, "top_k": 0, "top_p": 1.0,
       "gamma": 1.0, "lam": 0.95,
       "clip_eps": 0.2, "value_clip_eps": 0.2,
       "vf_coef": 0.5, "entropy_coef": 0.0,
       "whiten_advantages": True,
   })
+  c.sampling = sampling_config(preset)
   c.optimizer.learning_rate = 1e-4 if tiny else 1e-6
   c.optimizer.warmup_steps = 0
   c.optimizer.final_lr_fraction = 1.0

@@ -1,7 +1,7 @@
 """Iterated online RLHF on a pod: the paper sweep's models (13M ... 810M, a 2.7B gold PM) and
 data, five rounds of 20k gold-PM-labelled comparisons per arm, three seeds.
 
-  launch/tpu_pod.sh NAME ZONE TYPE -- python -m rlhf_jax.online --config=experiments/online_paper.py
+  launch/tpu_pod.sh NAME ZONE TYPE -- python -m rlhf_jax online --config=experiments/online_paper.py
 """
 import importlib.util
 import os

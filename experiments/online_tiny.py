@@ -1,4 +1,4 @@
-"""Iterated online RLHF at the tiny sizes, CPU, offline (`python -m rlhf_jax.online
+"""Iterated online RLHF at the tiny sizes, CPU, offline (`python -m rlhf_jax online
 --config=experiments/online_tiny.py`): the tiny sweep's models and gold PM, three rounds of 256
 gold-PM-labelled comparisons per arm (online vs static), shorter PM and PPO runs per round.
 """

@@ -1,8 +1,8 @@
 """The paper-scale sweep (Bai et al. 2022 sizes, Gao et al. 2022 gold-PM setup) for a TPU pod slice
 or a GPU cluster; see launch/. Needs the full hh-rlhf download (online once).
 
-  launch/tpu_pod.sh NAME ZONE v5p-64 -- python -m rlhf_jax.sweep --config=experiments/paper_sweep.py
-  sbatch --nodes=8 launch/slurm_gpu.sbatch -- python -m rlhf_jax.sweep --config=experiments/paper_sweep.py
+  launch/tpu_pod.sh NAME ZONE v5p-64 -- python -m rlhf_jax sweep --config=experiments/paper_sweep.py
+  sbatch --nodes=8 launch/slurm_gpu.sbatch -- python -m rlhf_jax sweep --config=experiments/paper_sweep.py
 
 Every stage keeps the presets' defaults of configs/lm.py, pm.py and ppo.py unless overridden here;
 override anything on the command line, e.g. --config.rl.train.steps=500.
@@ -37,8 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo = ml_collections.ConfigDict({"ppo": {"samples_per_prompt": 4}})
   c.dpo = ml_collections.ConfigDict({"betas": (0.03, 0.1, 0.3), "loss": "dpo",
                                      "train": {"steps": 1500, "eval_every": 100, "checkpoint_every": 500}})
-  # Every evaluation on whole data sets (BBQ from $RLHF_JAX_EVALS_DIR or ../shared/data/evals); add
-  # MMLU, ARC, ... converted with `python -m rlhf_jax.evals.multiple_choice convert` to mc.tasks.
+  # Every evaluation on whole data sets (BBQ, Winogender from $RLHF_JAX_DATA_DIR/evals); add
+  # MMLU, ARC, ... converted with `python -m rlhf_jax convert_mc` to mc.tasks.
   c.evals = ml_collections.ConfigDict({"suites": "bias_cloze,winogender,bbq,ood,mc,elo", "full": True,
                                        "batch_size": 64, "elo": {"bon_ns": (4, 16, 64)}})
   c.progress_bar = True

@@ -1,6 +1,6 @@
 """The tiny scaling sweep the README's first command runs: three sizes and a gold PM, CPU, offline.
 
-  python -m rlhf_jax.sweep --config=experiments/tiny_sweep.py [--config.setup=halves]
+  python -m rlhf_jax sweep --config=experiments/tiny_sweep.py [--config.setup=halves]
 
 Sizes are ModelConfig fields over the `tiny` preset (vocabulary 1024, one shared tokenizer). The
 sections lm / sft / pm / gold_pm / rl override configs/lm.py, configs/pm.py and configs/ppo.py.
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.labels = ml_collections.ConfigDict({
       "num_pairs": 1024,  # per size, from that size's initial policy on the training prompts
       "policy": "",  # "" = each size's own initial policy; or one size's name for all
-      "max_new_tokens": 0,  # 0 = rl.ppo.max_new_tokens
+      "max_new_tokens": 0,  # 0 = rl.sampling.max_new_tokens
       "temperature": 1.0,
       "batch_size": 256,
       "seed": 0,
@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
       "kl": {"coef": 0.001},
       "eval": {"num_prompts": 64},
   })
-  # Every RL method on the same frontier (rlhf_jax.method_frontier). RLOO and GRPO take the rl
+  # Every RL method on the same frontier (rlhf_jax.analysis.methods). RLOO and GRPO take the rl
   # settings with 4 samples of each of 8 prompts per iteration (the same 32 sequences as PPO)
   # and no value model, for 30 iterations instead of 40 (make run's time); DPO trains on the
   # proxy PM's comparisons, one run per beta.

@@ -2,7 +2,7 @@
 # Run an rlhf_jax job on every worker of a Cloud TPU pod slice, its run directory in a GCS bucket.
 #
 #   launch/tpu_pod.sh [--spot] NAME ZONE ACCELERATOR --workdir=gs://BUCKET/PATH -- \
-#       python -m rlhf_jax.sweep --config=experiments/paper_sweep.py
+#       python -m rlhf_jax sweep --config=experiments/paper_sweep.py
 #
 # Creates the TPU VM if it does not exist, copies this checkout to every worker, installs the
 # package, mounts the bucket with gcsfuse at /mnt/gcs/BUCKET on every worker and starts the same
@@ -13,10 +13,12 @@
 # code reads paths, not gs:// URLs; gcsfuse turns the bucket into one.
 #
 # Exit status: the job's (2: a mistake in the command line or config). 75 means preempted: the
-# sweep, rlhf_jax.online and every trainer exit 75 after checkpointing on SIGTERM; this script exits 75
+# sweep, the online job and every trainer exit 75 after checkpointing on SIGTERM; this script exits 75
 # when the slice went away under the job. Run the same command again: a PREEMPTED slice is deleted and created anew (a
 # deleted one just created) and the job resumes from stage_done.json and the checkpoints in the
 # bucket. --spot creates the slice as a Spot VM. TPU_SOFTWARE_VERSION picks the runtime image.
+# RLHF_JAX_DATA_DIR, if set, is set on every worker: a path they all see, such as a folder of the
+# job's bucket under /mnt/gcs/BUCKET (the checkout travels, the data do not).
 set -euo pipefail
 usage="usage: launch/tpu_pod.sh [--spot] NAME ZONE ACCELERATOR --workdir=gs://BUCKET/PATH -- COMMAND..."
 refuse() { echo "tpu_pod.sh: $*" >&2; exit 2; }
@@ -44,13 +46,17 @@ bucket=${BASH_REMATCH[1]} job_workdir=/mnt/gcs/${BASH_REMATCH[1]}/${BASH_REMATCH
 for arg in "$@"; do
   case $arg in --workdir|--workdir=*) refuse "give the run directory to tpu_pod.sh, not to the command: $arg" ;; esac
 done
+data_dir=${RLHF_JAX_DATA_DIR:-}
+[[ $data_dir != gs://* ]] ||
+  refuse "RLHF_JAX_DATA_DIR=$data_dir: the code reads paths, not gs:// URLs; put the data in gs://$bucket" \
+    "and pass its path under /mnt/gcs/$bucket"
 
 # Runs on every worker, sent over ssh as its source (declare -f): no quoting of its body.
 # shellcheck disable=SC2329
 on_worker() {
   set -euo pipefail
-  local bucket=$1 workdir=$2 mount=/mnt/gcs/$1
-  shift 2
+  local bucket=$1 workdir=$2 data_dir=$3 mount=/mnt/gcs/$1
+  shift 3
   if ! command -v gcsfuse >/dev/null; then  # Google's apt repository for Cloud Storage FUSE
     local key=/usr/share/keyrings/cloud.google.asc repo=https://packages.cloud.google.com/apt
     curl -fsSL "$repo/doc/apt-key.gpg" | sudo tee "$key" >/dev/null
@@ -80,6 +86,7 @@ on_worker() {
   command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh
   [[ -x .venv/bin/python ]] || uv venv -q --python 3.11 .venv
   uv pip install -q --python .venv/bin/python -e . 'jax[tpu]'
+  if [[ -n $data_dir ]]; then export RLHF_JAX_DATA_DIR=$data_dir; fi
   exec ".venv/bin/$1" "${@:2}" --workdir="$workdir" --jax_distributed
 }
 
@@ -119,7 +126,7 @@ tar czf "$tmp/rlhf_jax.tgz" -C "$repo" --exclude=./.venv --exclude=./runs --excl
 gcloud compute tpus tpu-vm scp "$tmp/rlhf_jax.tgz" "$name":rlhf_jax.tgz --zone "$zone" --worker=all
 status=0
 gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all \
-  --command "$(declare -f on_worker); on_worker $(printf '%q ' "$bucket" "$job_workdir" "$@")" || status=$?
+  --command "$(declare -f on_worker); on_worker $(printf '%q ' "$bucket" "$job_workdir" "$data_dir" "$@")" || status=$?
 # gcloud exits with the first failing worker's status; a slice that vanished shows up as ssh
 # failures, which the slice's state tells apart from the job's own failure.
 if (( status != 0 && status != 75 )); then

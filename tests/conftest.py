@@ -51,7 +51,8 @@ def micro_sweep_config(**changes):
   c.labels.num_pairs, c.labels.batch_size = 64, 64
   c.rl = {**data_parallel, "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "log_every": 1,
                                   "async_checkpointing": False},
-          "ppo": {"rollout_batch": 16, "num_minibatches": 2, "epochs": 1, "prompt_len": 24, "max_new_tokens": 8},
+          "ppo": {"rollout_batch": 16, "num_minibatches": 2, "epochs": 1},
+          "sampling": {"prompt_len": 24, "max_new_tokens": 8},
           "eval": {"num_prompts": 8}}
   c.bon = {"ns": (1, 2, 4), "num_prompts": 8, "seed": 0}
   c.rloo = c.grpo = {"ppo": {"samples_per_prompt": 4}}  # 4 prompts x 4 samples
@@ -70,7 +71,7 @@ def micro_sweep_config(**changes):
 @pytest.fixture(scope="session")
 def micro_sweep_dir(tmp_path_factory):
   """A whole micro sweep, run once per test session (the sweep and notebook tests share it)."""
-  from rlhf_jax.sweep import run_sweep
+  from rlhf_jax.experiments.sweep import run_sweep
   workdir = str(tmp_path_factory.mktemp("micro_sweep"))
   run_sweep(micro_sweep_config(), workdir)
   return workdir
@@ -82,8 +83,9 @@ def tiny_runs(tmp_path_factory):
   needs, trained once per session."""
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-  from configs import lm as lm_config, pm as pm_config
-  from rlhf_jax import train_lm, train_pm
+  from configs import lm as lm_config
+  from configs import pm as pm_config
+  from rlhf_jax.trainers import train_lm, train_pm
   root = tmp_path_factory.mktemp("tiny_runs")
   lm, pm = str(root / "lm"), str(root / "pm")
   train_lm.train(small_run_config(lm_config.get_config("tiny"), 3, max_examples=120), lm)
@@ -112,7 +114,8 @@ def micro_online_dir(micro_sweep_dir, tmp_path_factory):
   """A micro online run (2 rounds, both arms), run once per session; its base stages are copied
   from the micro sweep (same settings, so they are skipped)."""
   import shutil
-  from rlhf_jax import online
+
+  from rlhf_jax.experiments import online
   workdir = str(tmp_path_factory.mktemp("micro_online"))
   for name in ("tokenizer", "lm_xs", "lm_gold", "sft_xs", "pm_gold", "tfds"):
     shutil.copytree(os.path.join(micro_sweep_dir, name), os.path.join(workdir, name))

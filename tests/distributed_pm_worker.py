@@ -18,12 +18,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import pm
-from rlhf_jax import sharding as shd
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import PRESETS
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.train_state import create_train_state
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.trainers import pm_steps
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.train_state import create_train_state
 
 # Smaller than "tiny": compile time dominates, and two processes share two CPU cores.
 CFG = dataclasses.replace(PRESETS["tiny"], vocab_size=128, d_model=32, num_heads=2, num_kv_heads=2,
@@ -62,7 +62,7 @@ def train(mesh, seed: int) -> dict:
   replicate = jax.jit(lambda p: p, out_shardings=shd.replicated(mesh))
   snapshot = lambda params: jax.tree.map(np.asarray, replicate(params))
   snapshots = [snapshot(state.params)]
-  step = pm.jit_pm_train_step(Transformer(CFG), tx, mesh, shardings)
+  step = pm_steps.jit_pm_train_step(Transformer(CFG), tx, mesh, shardings)
   losses = []
   for i in range(STEPS):
     host = comparisons(seed, i)

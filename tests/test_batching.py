@@ -6,10 +6,10 @@ import re
 import numpy as np
 import pytest
 
-from rlhf_jax.batching import Batcher, Encoded, encode_dialogue, fit_to_length, pack, pad_batch
-from rlhf_jax.hh_rlhf import catalog
-from rlhf_jax.hh_rlhf.records import read_comparisons
-from rlhf_jax.tokenizer import train_tokenizer
+from rlhf_jax.data.batching import Batcher, Encoded, encode_dialogue, fit_to_length, pack, pad_batch
+from rlhf_jax.data.hh_rlhf import catalog
+from rlhf_jax.data.hh_rlhf.records import read_comparisons
+from rlhf_jax.data.tokenizer import train_tokenizer
 
 _MARKER = re.compile(r"\n\n(Human|Assistant):")
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.best_of_n import analytic_kl, best_of_n, select_best
-from rlhf_jax.model import ModelOutput, Transformer, init_params
-from rlhf_jax.model_config import PRESETS
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.transformer import ModelOutput, Transformer, init_params
+from rlhf_jax.trainers.best_of_n import analytic_kl, best_of_n, select_best
 
 MARKER = 7
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_jax import calibration as cal
+from rlhf_jax.objectives import calibration as cal
 
 
 def _wilson(k, n, z):

@@ -9,15 +9,16 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import lm
-from rlhf_jax import sharding as shd
-from rlhf_jax.checkpointing import Checkpointer
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import PRESETS
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.train_state import TrainState, create_train_state, state_shardings
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.trainers import lm_steps
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.checkpointing import Checkpointer
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.train_state import TrainState, create_train_state, state_shardings
 
 BATCH, SEQ = 8, 16
 SAVE_MESH = (2, 2, 2)
@@ -66,7 +67,7 @@ class Setup:
     self.init_fn = lambda r: init_params(self.cfg, r)
     self.mesh = shd.make_mesh(SAVE_MESH)
     self.abstract, self.shardings = state_shardings(self.init_fn, self.tx, self.mesh)
-    self.train_step = lm.jit_lm_train_step(self.model, self.tx, self.mesh, self.shardings)
+    self.train_step = lm_steps.jit_lm_train_step(self.model, self.tx, self.mesh, self.shardings)
     self.host_batches = [_host_batch(i) for i in range(4)]
     state, shardings = create_train_state(self.init_fn, self.tx, self.mesh, jax.random.PRNGKey(0))
     assert jax.tree.structure(shardings) == jax.tree.structure(self.shardings)

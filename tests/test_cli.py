@@ -7,16 +7,16 @@ import subprocess
 import sys
 
 import pytest
-
-from rlhf_jax import cli
-from rlhf_jax.errors import ConfigError
 from test_faults import ENV
+
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.training import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+  return subprocess.run([sys.executable, "-m", "rlhf_jax", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                         timeout=300)
 
 
@@ -44,22 +44,22 @@ def test_user_error_exits_2_with_one_line_and_a_bug_keeps_its_traceback(capsys):
     cli.reporting_user_errors(bug)([])
 
 
-@pytest.mark.parametrize("module, config, typo", [
-    ("rlhf_jax.train_lm", "configs/lm.py:tiny", "train.stepz"),
-    ("rlhf_jax.sweep", "experiments/tiny_sweep.py", "labels.num_pairz")])
-def test_unknown_config_key(module, config, typo, tmp_path):
-  line = _one_error_line(_run(module, f"--config={config}", f"--workdir={tmp_path}", f"--config.{typo}=3"))
+@pytest.mark.parametrize("job, config, typo", [
+    ("train_lm", "configs/lm.py:tiny", "train.stepz"),
+    ("sweep", "experiments/tiny_sweep.py", "labels.num_pairz")])
+def test_unknown_config_key(job, config, typo, tmp_path):
+  line = _one_error_line(_run(job, f"--config={config}", f"--workdir={tmp_path}", f"--config.{typo}=3"))
   assert typo.split(".")[-1] in line
   assert not (tmp_path / "checkpoints").exists()
 
 
 def test_missing_config_flag(tmp_path):
-  line = _one_error_line(_run("rlhf_jax.train_pm", f"--workdir={tmp_path}"))
+  line = _one_error_line(_run("train_pm", f"--workdir={tmp_path}"))
   assert "--config is required" in line
 
 
 def test_sweep_override_naming_no_setting(tmp_path):
-  line = _one_error_line(_run("rlhf_jax.sweep", "--config=experiments/tiny_sweep.py", f"--workdir={tmp_path}",
+  line = _one_error_line(_run("sweep", "--config=experiments/tiny_sweep.py", f"--workdir={tmp_path}",
                               "--config.setup=halfs"))
   assert "setup='halfs'" in line
 
@@ -69,6 +69,24 @@ def test_malformed_data_file_names_file_and_line(tmp_path):
   good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
   with gzip.open(path, "wt") as f:
     f.write(json.dumps(good) + "\n" + json.dumps({"chosen": good["chosen"]}) + "\n")
-  line = _one_error_line(_run("rlhf_jax.train_pm", "--config=configs/pm.py:tiny", f"--workdir={tmp_path / 'run'}",
+  line = _one_error_line(_run("train_pm", "--config=configs/pm.py:tiny", f"--workdir={tmp_path / 'run'}",
                               f"--config.data.path={path}", "--config.progress_bar=False"))
   assert str(path) in line and "line 2" in line and "rejected" in line
+
+
+def test_every_job_is_one_command(capsys):
+  """`python -m rlhf_jax JOB`: each job's module declares its flags in main_factory (so that one
+  process can import them all), an unknown job is one line and exit 2, no job lists them."""
+  import importlib
+
+  from rlhf_jax import jobs
+  for name, (module, _) in jobs.JOBS.items():
+    assert callable(getattr(importlib.import_module(module), "main_factory", None)), name
+  with pytest.raises(SystemExit) as e:
+    jobs.main(["rlhf_jax", "train_pn"])
+  assert e.value.code == 2
+  assert capsys.readouterr().err.splitlines() == [f"error: no job 'train_pn'; jobs: {', '.join(jobs.JOBS)}"]
+  with pytest.raises(SystemExit) as e:
+    jobs.main(["rlhf_jax"])
+  listing = capsys.readouterr().out
+  assert e.value.code == 2 and all(f"  {name} " in listing for name in jobs.JOBS)

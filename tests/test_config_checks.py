@@ -6,15 +6,18 @@ import subprocess
 import sys
 
 import pytest
-
-from rlhf_jax import config_checks, train_pm
-from rlhf_jax.errors import ConfigError
-from rlhf_jax.model_config import get_preset
 from test_faults import ENV
+
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.model.config import get_preset
+from rlhf_jax.trainers import config_checks, train_pm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import dpo as dpo_config, lm as lm_config, pm as pm_config, ppo as ppo_config  # noqa: E402
+from configs import dpo as dpo_config  # noqa: E402
+from configs import lm as lm_config
+from configs import pm as pm_config
+from configs import ppo as ppo_config
 
 
 def _fake_run(path, **model_changes):
@@ -61,13 +64,13 @@ def test_the_shipped_configs_pass(tmp_path):
     ("pm", "optimizer.learning_rate", float("inf")), ("lm", "objective", "rlhf"),
     ("lm", "train.seq_len", 4096),  # beyond model.max_seq_len (2048 in the tiny preset)
     ("ppo", "ppo.rollout_batch", 0), ("ppo", "ppo.num_minibatches", 3), ("ppo", "ppo.epochs", 0),
-    ("ppo", "ppo.prompt_len", 0), ("ppo", "ppo.max_new_tokens", -2), ("ppo", "ppo.max_new_tokens", 2040),
+    ("ppo", "sampling.prompt_len", 0), ("ppo", "sampling.max_new_tokens", -2), ("ppo", "sampling.max_new_tokens", 2040),
     ("ppo", "value_from", "policy"), ("ppo", "data.eval_fraction", 2.0),
     ("lm", "train.grad_accum", 0), ("pm", "train.grad_accum", 3),  # 16 comparisons do not split in 3
     ("ppo", "algorithm", "reinforce"), ("rloo", "ppo.samples_per_prompt", 1),  # no group to compare within
     ("rloo", "ppo.samples_per_prompt", 3),  # 16 sequences do not split into groups of 3
     ("rloo", "ppo.samples_per_prompt", 0), ("dpo", "dpo.beta", 0.0), ("dpo", "dpo.beta", float("nan")),
-    ("dpo", "dpo.loss", "kto"), ("dpo", "train.seq_len", 4096), ("dpo", "ppo.max_new_tokens", 0),
+    ("dpo", "dpo.loss", "kto"), ("dpo", "train.seq_len", 4096), ("dpo", "sampling.max_new_tokens", 0),
     ("dpo", "train.batch_size", 0),
 ])
 def test_each_impossible_setting_is_named(kind, field, value, tmp_path):
@@ -134,7 +137,7 @@ def test_batch_larger_than_the_data():
 
 
 def test_negative_steps_on_the_command_line(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "rlhf_jax.train_lm", "--config=configs/lm.py:tiny",
+  out = subprocess.run([sys.executable, "-m", "rlhf_jax", "train_lm", "--config=configs/lm.py:tiny",
                         f"--workdir={tmp_path}", "--config.train.steps=-3"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 2, out.stderr[-2000:]

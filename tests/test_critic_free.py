@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import critic_free
+from rlhf_jax.objectives import critic_free
 
 EPS = 1e-6  # grpo_advantages' default
 # Returns are O(1) and the group sums run over <= 5 float32 values: each advantage is a handful of

@@ -6,16 +6,16 @@ import os
 
 import pytest
 
-from rlhf_jax.dialogue import ASSISTANT, HUMAN, Turn, human_turns_prompt, parse_turns, split_comparison
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
+from rlhf_jax.data import locations
+from rlhf_jax.data.dialogue import ASSISTANT, HUMAN, Turn, human_turns_prompt, parse_turns, split_comparison
 
 
 def _real_records():
-  if not os.path.exists(REAL):
-    pytest.skip(f"real data not on this machine: {REAL}")
-  with gzip.open(REAL, "rt", encoding="utf-8") as f:
+  hh_rlhf = locations.local_copy(locations.HH_RLHF)  # `make test` passes ../shared/data
+  real = os.path.join(hh_rlhf, "harmless-base", "test.jsonl.gz") if hh_rlhf else ""
+  if not os.path.exists(real):
+    pytest.skip(f"no real harmless-base/test: ${locations.ENV}={os.environ.get(locations.ENV)!r}")
+  with gzip.open(real, "rt", encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

@@ -13,9 +13,9 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax import pm
-from rlhf_jax import sharding as shd
-from rlhf_jax.model import Transformer
+from rlhf_jax.model.transformer import Transformer
+from rlhf_jax.objectives import pm
+from rlhf_jax.training import sharding as shd
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)

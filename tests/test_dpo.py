@@ -13,12 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import dpo
-from rlhf_jax.hh_rlhf import catalog, read_comparisons
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import PRESETS
-from rlhf_jax.tokenizer import PAD_ID, train_tokenizer
-from rlhf_jax.train_state import TrainState
+from rlhf_jax.data import pm_data
+from rlhf_jax.data.hh_rlhf import catalog, read_comparisons
+from rlhf_jax.data.tokenizer import PAD_ID, train_tokenizer
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.objectives import dpo
+from rlhf_jax.trainers import dpo_steps
+from rlhf_jax.training.train_state import TrainState
 
 CFG = dataclasses.replace(PRESETS["tiny"], vocab_size=64, d_model=32, num_layers=1, mlp_dim=64)
 MODEL = Transformer(CFG)
@@ -190,7 +192,7 @@ def test_one_training_step_lowers_loss_and_raises_margin(params):
   batch, _, _ = _pair_batch(2)
   beta = 0.1
   tx = optax.adam(1e-2)
-  step = jax.jit(functools.partial(dpo.dpo_train_step, model=MODEL, tx=tx, loss="dpo"))
+  step = jax.jit(functools.partial(dpo_steps.dpo_train_step, model=MODEL, tx=tx, loss="dpo"))
   state = _train_state(params, tx)
   state, before = step(state, params, batch, beta)  # metrics of the pre-update parameters
   state, after = step(state, params, batch, beta)
@@ -220,7 +222,7 @@ def tok(tmp_path_factory):
 def test_encode_pair_masks_exactly_the_responses(tok):
   record = {"prompt": "\n\nHuman: hi there\n\nAssistant:", "chosen_response": " hello friend",
             "rejected_response": " go away"}
-  chosen, rejected = dpo.encode_pair(tok, record)
+  chosen, rejected = pm_data.encode_pair(tok, record)
   for ex, response in ((chosen, record["chosen_response"]), (rejected, record["rejected_response"])):
     assert len(ex.tokens) == len(ex.loss_mask)
     n = ex.loss_mask.index(True)

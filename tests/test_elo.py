@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_jax.elo import ELO_PER_NAT, elo_win_probability, fit_elo, score_diff_to_elo
+from rlhf_jax.objectives.elo import ELO_PER_NAT, elo_win_probability, fit_elo, score_diff_to_elo
 
 
 def _sigmoid(x):

@@ -9,11 +9,12 @@ import os
 import numpy as np
 import pytest
 
+from rlhf_jax.data import locations
 from rlhf_jax.errors import ConfigError, DataError
 from rlhf_jax.evals import bbq
 
-SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "data", "evals",
-                                       "bbq"))
+# The full copy where $RLHF_JAX_DATA_DIR names one (`make test` passes ../shared/data); None where not.
+FULL = locations.local_copy(locations.EVALS, "bbq")
 CATEGORIES = ("Age", "Disability_status", "Nationality", "Physical_appearance", "Religion", "Sexual_orientation")
 
 
@@ -205,12 +206,12 @@ def test_bundled_sample_has_30_per_cell():
     assert cells == {c: 30 for c in bbq.CELLS}, cat
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data/evals/bbq not beside the checkout")
+@pytest.mark.skipif(FULL is None, reason="no evals/bbq/ in $RLHF_JAX_DATA_DIR")
 def test_bundled_sample_is_byte_identical_to_its_source_and_reproducible(tmp_path):
-  bbq.make_sample(SHARED, str(tmp_path))
+  bbq.make_sample(FULL, str(tmp_path))
   for cat in CATEGORIES:
     bundled = os.path.join(bbq.SAMPLE_DIR, f"{cat}.jsonl.gz")
-    sample, source = _lines(bundled), _lines(os.path.join(SHARED, f"{cat}.jsonl.gz"))
+    sample, source = _lines(bundled), _lines(os.path.join(FULL, f"{cat}.jsonl.gz"))
     where = [source.index(t) for t in sample]  # each sample line is a source line, byte for byte
     assert where == sorted(where) and len(set(where)) == 120, cat
     with open(tmp_path / f"{cat}.jsonl.gz", "rb") as a, open(bundled, "rb") as b:
@@ -257,10 +258,10 @@ def test_real_scorer_predictions_equal_a_brute_force_forward_pass(tmp_path):
   import flax.linen as nn
   import jax
 
+  from rlhf_jax.data.tokenizer import train_tokenizer
   from rlhf_jax.evals.loglik import Scorer
-  from rlhf_jax.model import Transformer, init_params
-  from rlhf_jax.model_config import ModelConfig
-  from rlhf_jax.tokenizer import train_tokenizer
+  from rlhf_jax.model.config import ModelConfig
+  from rlhf_jax.model.transformer import Transformer, init_params
   every = bbq.load_bbq()
   tok = train_tokenizer([f"{r['context']} {r['question']} {r['ans0']} {r['ans1']} {r['ans2']}" for r in every],
                         512, str(tmp_path))

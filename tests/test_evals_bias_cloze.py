@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from eval_fakes import CharTok
 from rlhf_jax.evals import bias_cloze
+
+from eval_fakes import CharTok
 
 
 class _PlantedScorer:
@@ -58,10 +59,10 @@ def test_real_model_scores_equal_direct_log_probabilities(tmp_path):
   import flax.linen as nn
   import jax
 
+  from rlhf_jax.data.tokenizer import train_tokenizer
   from rlhf_jax.evals.loglik import Scorer, encode_requests
-  from rlhf_jax.model import init_params
-  from rlhf_jax.model_config import ModelConfig
-  from rlhf_jax.tokenizer import train_tokenizer
+  from rlhf_jax.model.config import ModelConfig
+  from rlhf_jax.model.transformer import init_params
   words = [f"The {o} was a {w}." for o in OCC for p in PAIRS for w in p] * 20
   tok = train_tokenizer(words + ["abcdefghijklmnopqrstuvwxyz .,"] * 50, 320, str(tmp_path))
   cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import sharding as shd
 from rlhf_jax.evals.loglik import Scorer, bucket_length, encode_requests
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import ModelConfig
+from rlhf_jax.model.config import ModelConfig
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.training import sharding as shd
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
                   max_seq_len=64)

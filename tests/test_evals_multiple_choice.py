@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from eval_fakes import CharTok
 from rlhf_jax.errors import DataError
 from rlhf_jax.evals import multiple_choice as mc
+
+from eval_fakes import CharTok
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 SAMPLE = os.path.join(ROOT, "rlhf_jax", "evals", "data", "mc_sample.jsonl")
@@ -65,11 +66,11 @@ def test_scores_equal_one_forward_pass_per_choice(tmp_path):
   import flax.linen as nn
   import jax
 
-  from rlhf_jax import sharding as shd
+  from rlhf_jax.data.tokenizer import train_tokenizer
   from rlhf_jax.evals.loglik import Scorer, bucket_length
-  from rlhf_jax.model import Transformer, init_params
-  from rlhf_jax.model_config import ModelConfig
-  from rlhf_jax.tokenizer import train_tokenizer
+  from rlhf_jax.model.config import ModelConfig
+  from rlhf_jax.model.transformer import Transformer, init_params
+  from rlhf_jax.training import sharding as shd
   sample = mc.read_task(SAMPLE)
   texts = [ex["context"] + c for ex in sample + MIXED for c in ex["choices"]] * 12
   tok = train_tokenizer(texts, 300, str(tmp_path))
@@ -284,7 +285,7 @@ def test_convert_round_trip_and_cli(tmp_path):
   assert mc.convert("mmlu", src, dst) == 2
   assert mc.read_task(dst) == mc.convert_file("mmlu", src)
   out = str(tmp_path / "out.jsonl")
-  cmd = [sys.executable, "-m", "rlhf_jax.evals.multiple_choice", "convert", "--kind=mmlu", src, out]
+  cmd = [sys.executable, "-m", "rlhf_jax", "convert_mc", "--kind=mmlu", src, out]
   ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert ok.returncode == 0, ok.stderr
   assert [ex["label"] for ex in mc.read_task(out)] == [2, 0]

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_jax.elo import ELO_PER_NAT, elo_win_probability
 from rlhf_jax.evals import policy_elo
+from rlhf_jax.objectives.elo import ELO_PER_NAT, elo_win_probability
 
 TRUE_ELO = np.array([-150.0, -50.0, 0.0, 80.0, 120.0])  # mean 0
 

@@ -118,10 +118,10 @@ def test_real_scorer_differences_equal_a_brute_force_forward_pass(tmp_path):
   import flax.linen as nn
   import jax
 
+  from rlhf_jax.data.tokenizer import train_tokenizer
   from rlhf_jax.evals.loglik import Scorer
-  from rlhf_jax.model import Transformer, init_params
-  from rlhf_jax.model_config import ModelConfig
-  from rlhf_jax.tokenizer import train_tokenizer
+  from rlhf_jax.model.config import ModelConfig
+  from rlhf_jax.model.transformer import Transformer, init_params
   data = winogender.load_winogender()
   tok = train_tokenizer([s for p in data.pairs for s in (p.female, p.male)], 512, str(tmp_path))
   occs = ("nurse", "engineer", "baker")

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import sharding as shd
 from rlhf_jax.evals import suite
+from rlhf_jax.training import sharding as shd
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 
@@ -27,7 +27,7 @@ def _config(**changes):
 
 
 def test_load_policy_reads_lm_runs_and_ppo_snapshots(micro_sweep_dir):
-  from rlhf_jax.train_ppo import FrozenModel, load_policy
+  from rlhf_jax.training.saved_runs import FrozenModel, load_policy
   mesh = shd.make_mesh((-1, 1, 1))
   sft = os.path.join(micro_sweep_dir, "sft_xs")
   ppo = os.path.join(micro_sweep_dir, "ppo_xs")
@@ -47,7 +47,7 @@ def test_load_policy_reads_lm_runs_and_ppo_snapshots(micro_sweep_dir):
 
 
 def test_evaluate_writes_json_markdown_and_plots(micro_sweep_dir, tmp_path):
-  from rlhf_jax.evaluate import evaluate
+  from rlhf_jax.evals.evaluate import evaluate
   out = evaluate(_config(policy_dir=os.path.join(micro_sweep_dir, "ppo_xs"), suites="bias_cloze,mc",
                          out_dir=str(tmp_path)))
   with open(tmp_path / "evals.json") as f:
@@ -63,8 +63,8 @@ def test_evaluate_writes_json_markdown_and_plots(micro_sweep_dir, tmp_path):
 
 
 def test_evaluate_elo_needs_a_judge_and_rates_policies(micro_sweep_dir, tmp_path):
-  from rlhf_jax.evaluate import evaluate
   from rlhf_jax.errors import ConfigError
+  from rlhf_jax.evals.evaluate import evaluate
   ppo = os.path.join(micro_sweep_dir, "ppo_xs")
   c = _config(policy_dir=ppo, suites="elo", out_dir=str(tmp_path))
   with pytest.raises(ConfigError, match="elo.judge_dir"):
@@ -82,7 +82,7 @@ def test_evaluate_elo_needs_a_judge_and_rates_policies(micro_sweep_dir, tmp_path
     (["--config.policy_dir=x", "--config.suites=bias_cloze,typo"], "error: suites: unknown ['typo']"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(args, message):
-  proc = subprocess.run([sys.executable, "-m", "rlhf_jax.evaluate", "--config=configs/evaluate.py", *args],
+  proc = subprocess.run([sys.executable, "-m", "rlhf_jax", "evaluate", "--config=configs/evaluate.py", *args],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr
   lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]

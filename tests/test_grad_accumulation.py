@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import lm, pm
-from rlhf_jax.grad_accumulation import accumulated_value_and_grad, micro_batches
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import ModelConfig
+from rlhf_jax.model.config import ModelConfig
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.objectives import lm, pm
+from rlhf_jax.trainers import lm_steps
+from rlhf_jax.training.grad_accumulation import accumulated_value_and_grad, micro_batches
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
 
@@ -68,15 +69,16 @@ def test_pm_accumulation_equals_the_full_batch(params):
 
 def test_sharded_lm_step_with_micro_batches_matches_one_without(params):
   import optax
-  from rlhf_jax import sharding as shd
-  from rlhf_jax.train_state import create_train_state
+
+  from rlhf_jax.training import sharding as shd
+  from rlhf_jax.training.train_state import create_train_state
   mesh = shd.make_mesh((2, 4, 1))  # data x FSDP: each micro-batch stays split over both
   tx = optax.sgd(0.1)  # linear in the gradient: the updates differ only as the gradients do
   model = Transformer(CFG)
   states = []
   for k in (1, 4):
     state, shardings = create_train_state(lambda r: init_params(CFG, r), tx, mesh, jax.random.PRNGKey(0))
-    step = lm.jit_lm_train_step(model, tx, mesh, shardings, grad_accum=k)
+    step = lm_steps.jit_lm_train_step(model, tx, mesh, shardings, grad_accum=k)
     state, metrics = step(state, shd.shard_batch(_lm_batch(b=16), mesh))
     states.append((state, metrics))
   (s1, m1), (s4, m4) = states

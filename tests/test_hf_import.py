@@ -12,25 +12,27 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import flax.linen as nn
 import numpy as np
 import pytest
+from conftest import small_run_config
 from flax import traverse_util
 
-from conftest import small_run_config
-from rlhf_jax import config_checks, lm, loop
-from rlhf_jax import sharding as shd
+from rlhf_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, Tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
 from rlhf_jax.hf import runs, tensor_files, weights
 from rlhf_jax.hf.export_model import export_run
-from rlhf_jax.metrics import read_metrics
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import ModelConfig, param_counts
-from rlhf_jax.tokenizer import MODEL_FILE, SPECIALS_FILE, Tokenizer
+from rlhf_jax.model.config import ModelConfig, param_counts
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.objectives import lm
+from rlhf_jax.trainers import config_checks
+from rlhf_jax.training import loop
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf")
@@ -144,7 +146,7 @@ def test_export_then_import_is_bitwise(imported, tmp_path, mesh):
 
 
 def _abstract(run_dir, mesh):
-  from rlhf_jax.train_ppo import FrozenModel
+  from rlhf_jax.training.saved_runs import FrozenModel
   return FrozenModel(run_dir, mesh).abstract
 
 
@@ -242,7 +244,7 @@ def test_command_line_mistake_is_one_line_and_status_2(tmp_path):
   directory = _copy(tmp_path)
   _edit_config(directory, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "rlhf_jax.hf.import_model", f"--hf_dir={directory}",
+  proc = subprocess.run([sys.executable, "-m", "rlhf_jax", "hf_import", f"--hf_dir={directory}",
                          f"--out={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, env=env)
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip().splitlines() == [
@@ -273,13 +275,13 @@ def test_tokenizer_specials_travel_with_the_tokenizer(imported, tmp_path):
   mistral.copy_to(str(tmp_path))
   assert Tokenizer(str(tmp_path / MODEL_FILE)).pad_id == 0  # mistral's own specials replaced gemma's
   os.remove(tmp_path / SPECIALS_FILE)
-  with pytest.raises(ValueError, match="not trained by rlhf_jax.tokenizer.train_tokenizer"):
+  with pytest.raises(ValueError, match="not trained by rlhf_jax.data.tokenizer.train_tokenizer"):
     Tokenizer(str(tmp_path / MODEL_FILE))  # without its specials it is a foreign tokenizer again
 
 
 def test_lm_starts_from_hf_dir(tmp_path, monkeypatch, mesh, tfds_dir):
-  from rlhf_jax import train_lm
-  from rlhf_jax.lm_data import build_lm_data
+  from rlhf_jax.data.inputs import trainer_data
+  from rlhf_jax.trainers import train_lm
   monkeypatch.setenv(runs.CACHE_ENV, str(tmp_path / "cache"))
   config = small_run_config(lm_config.get_config("tiny"), steps=1, max_examples=40)
   config.init_from = f"hf:{os.path.join(FIXTURE, 'gemma')}"
@@ -294,14 +296,14 @@ def test_lm_starts_from_hf_dir(tmp_path, monkeypatch, mesh, tfds_dir):
   resolved = config_checks.inherit_model_config(runs.resolve(config, str(tmp_path / "lm"), ("init_from",)))
   cfg = hf_config.model_config(os.path.join(FIXTURE, "gemma"))
   params = weights.load_params(os.path.join(FIXTURE, "gemma"), cfg, mesh)
-  batch = build_lm_data(resolved, str(tmp_path / "lm")).train.batch_at(0)
+  batch = trainer_data(resolved, str(tmp_path / "lm"), "lm").train.batch_at(0)
   loss, _ = lm.lm_loss(params, Transformer(cfg), {k: jnp.asarray(v) for k, v in batch.items()})
   (row,) = read_metrics(str(tmp_path / "lm"))
   assert row["loss"] == pytest.approx(float(loss), rel=1e-5)
 
 
 def test_pm_starts_from_hf_dir_with_a_fresh_head(tmp_path, mesh, tfds_dir):
-  from rlhf_jax import train_pm
+  from rlhf_jax.trainers import train_pm
   config = small_run_config(pm_config.get_config("tiny"), steps=2, max_examples=40)
   config.init_from = f"hf:{os.path.join(FIXTURE, 'llama')}"
   config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e-5, 0
@@ -320,12 +322,12 @@ def test_pm_starts_from_hf_dir_with_a_fresh_head(tmp_path, mesh, tfds_dir):
 
 def _scratch_run(run_dir, mesh):
   """A run as train_lm leaves it, for a model and tokenizer made here (no HuggingFace source)."""
-  from rlhf_jax.hh_rlhf import catalog
-  from rlhf_jax.hh_rlhf.records import read_comparisons
-  from rlhf_jax.optimizer import make_optimizer
-  from rlhf_jax.checkpointing import Checkpointer
-  from rlhf_jax.tokenizer import train_tokenizer
-  from rlhf_jax.train_state import create_train_state
+  from rlhf_jax.data.hh_rlhf import catalog
+  from rlhf_jax.data.hh_rlhf.records import read_comparisons
+  from rlhf_jax.data.tokenizer import train_tokenizer
+  from rlhf_jax.training.checkpointing import Checkpointer
+  from rlhf_jax.training.optimizer import make_optimizer
+  from rlhf_jax.training.train_state import create_train_state
   records = read_comparisons(os.path.join(catalog.SAMPLE_DIR, "harmless-base", "test.jsonl.gz"))[0]
   tok = train_tokenizer([r["chosen"] for r in records[:100]], 400, str(run_dir))
   cfg = ModelConfig(vocab_size=400, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
@@ -357,7 +359,7 @@ def test_model_trained_here_exports_as_llama_and_comes_back(tmp_path, mesh):
 
 
 def test_hf_references_are_checked_before_a_run_and_load_as_policies(tmp_path, mesh):
-  from rlhf_jax.train_ppo import load_policy
+  from rlhf_jax.training.saved_runs import load_policy
   config = small_run_config(pm_config.get_config("tiny"), steps=1, max_examples=40)
   config.init_from = f"hf:{os.path.join(FIXTURE, 'mistral', 'nowhere')}"
   with pytest.raises(ConfigError, match=r"init_from=hf:.*nowhere: .* is not a directory"):

@@ -4,18 +4,21 @@ copies checked against the known checksums; the builder returns exactly what the
 import gzip
 import json
 import os
+import re
 import warnings
 import zlib
 
 import pytest
 
-from rlhf_jax.dialogue import split_comparison
-from rlhf_jax.errors import DataError, UserError
-from rlhf_jax.hh_rlhf import catalog
-from rlhf_jax.hh_rlhf.records import MalformedRecordError, read_comparisons, read_prompts, read_red_team
+from rlhf_jax.data import locations
+from rlhf_jax.data.dialogue import split_comparison
+from rlhf_jax.data.hh_rlhf import catalog
+from rlhf_jax.data.hh_rlhf.records import MalformedRecordError, read_comparisons, read_prompts, read_red_team
+from rlhf_jax.errors import ConfigError, DataError, UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
+# The full copy where $RLHF_JAX_DATA_DIR names one (`make test` passes ../shared/data); "" where not.
+HH_RLHF = locations.local_copy(locations.HH_RLHF)
+REAL = os.path.join(HH_RLHF, "harmless-base", "test.jsonl.gz") if HH_RLHF else ""
 
 
 def _dialogue(q, a):
@@ -68,7 +71,7 @@ MALFORMED = {
 
 def test_real_file_reads_completely():
   if not os.path.exists(REAL):
-    pytest.skip(f"real data not on this machine: {REAL}")
+    pytest.skip(f"no real harmless-base/test: ${locations.ENV}={os.environ.get(locations.ENV)!r}")
   records, report = read_comparisons(REAL)
   assert len(records) == 2312 and report.records == 2312 and report.num_skipped == 0
   assert [r["line"] for r in records] == list(range(1, 2313))
@@ -217,7 +220,7 @@ def test_red_team_missing_field_and_bad_jsonl_lines(tmp_path):
   got, report = read_red_team(path, skip_malformed=True)
   assert [r["line"] for r in got] == [1]
   assert report.num_skipped == 3 and report.skipped["missing field"] == 1
-  assert f"1 records, 3 malformed skipped" in report.summary()
+  assert "1 records, 3 malformed skipped" in report.summary()
   path.write_text("\n".join([json.dumps(_red(0)), json.dumps(missing)]))
   with pytest.raises(MalformedRecordError, match="line 2, field 'min_harmlessness_score_transcript': missing"):
     read_red_team(path)
@@ -255,28 +258,59 @@ def test_split_files_and_urls():
     catalog.split_files("harmless")
 
 
-def test_local_source_dir_honours_environment(tmp_path, monkeypatch):
-  monkeypatch.setattr(catalog, "_REPO_SHARED", str(tmp_path / "no-shared-copy"))
-  monkeypatch.delenv("RLHF_JAX_HH_RLHF_DIR", raising=False)
-  assert catalog.local_source_dir("harmless-base", "test") == os.path.normpath(catalog.SAMPLE_DIR)
-  assert catalog.local_source_dir("helpful-base", "train") is None
+@pytest.mark.parametrize("unset", ["absent", "empty"])
+def test_local_source_dir_without_the_setting_is_the_sample(monkeypatch, unset):
+  if unset == "absent":
+    monkeypatch.delenv(locations.ENV, raising=False)
+  else:
+    monkeypatch.setenv(locations.ENV, "")  # what the Makefile passes where there is no copy
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert catalog.local_source_dir("harmless-base", "test") == os.path.normpath(catalog.SAMPLE_DIR)
+    assert catalog.local_source_dir("helpful-base", "train") is None  # load_split downloads it
 
+
+def test_local_source_dir_follows_the_data_dir_setting(tmp_path, monkeypatch):
   mine = tmp_path / "mine"
-  _write(mine / "helpful-base" / "train.jsonl.gz", [_good(1)])
-  _write(mine / "harmless-base" / "test.jsonl.gz", [_good(1)])
-  monkeypatch.setenv("RLHF_JAX_HH_RLHF_DIR", str(mine))
-  assert catalog.local_source_dir("helpful-base", "train") == str(mine)
-  assert catalog.local_source_dir("harmless-base", "test") == str(mine)  # before the sample
+  _write(mine / "hh-rlhf" / "helpful-base" / "train.jsonl.gz", [_good(1)])
+  _write(mine / "hh-rlhf" / "harmless-base" / "test.jsonl.gz", [_good(1)])
+  monkeypatch.setenv(locations.ENV, str(mine))
+  assert catalog.local_source_dir("helpful-base", "train") == str(mine / "hh-rlhf")
+  assert catalog.local_source_dir("harmless-base", "test") == str(mine / "hh-rlhf")  # before the sample
   assert catalog.local_source_dir("helpful-base", "test") is None
   with pytest.raises(ValueError):
     catalog.local_source_dir("nope", "test")
+
+
+@pytest.mark.parametrize("has_hh_rlhf", [True, False])
+def test_local_source_dir_warns_when_the_setting_lacks_what_the_sample_has(tmp_path, monkeypatch, has_hh_rlhf):
+  (tmp_path / ("hh-rlhf" if has_hh_rlhf else "evals") / "helpful-base").mkdir(parents=True)
+  monkeypatch.setenv(locations.ENV, str(tmp_path))
+  with pytest.warns(catalog.SampleFallbackWarning) as caught:
+    assert catalog.local_source_dir("harmless-base", "test") == os.path.normpath(catalog.SAMPLE_DIR)
+  assert str(caught[0].message) == (f"$RLHF_JAX_DATA_DIR={tmp_path} has no hh-rlhf/harmless-base/test.jsonl.gz; "
+                                    f"using the 400-record sample bundled in {catalog.SAMPLE_DIR}")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert catalog.local_source_dir("helpful-base", "test") is None  # no sample either: a download, no warning
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_local_source_dir_refuses_a_setting_that_is_not_a_directory(tmp_path, monkeypatch, kind):
+  path = tmp_path / "data"
+  if kind == "file":
+    path.write_text("")
+  monkeypatch.setenv(locations.ENV, str(path))
+  says = "does not exist" if kind == "missing" else "is not a directory"
+  with pytest.raises(ConfigError, match="^" + re.escape(f"$RLHF_JAX_DATA_DIR={path}: {says}; ")):
+    catalog.local_source_dir("harmless-base", "test")  # never quietly the sample
 
 
 # --- TFDS builder ---------------------------------------------------------------------------------
 
 # Hand-written sources use harmless-base/train: its checksum is unknown, so any content is accepted
 # (with a warning), where a changed harmless-base/test would fail verification.
-unverified_ok = pytest.mark.filterwarnings("ignore::rlhf_jax.hh_rlhf.catalog.UnverifiedFileWarning")
+unverified_ok = pytest.mark.filterwarnings("ignore::rlhf_jax.data.hh_rlhf.catalog.UnverifiedFileWarning")
 
 
 def _source(tmp_path, lines, split="train"):
@@ -291,7 +325,7 @@ UNICODE = json.dumps({"chosen": _dialogue("Café? “quotes” 日本", "Sí ✓
 
 @unverified_ok
 def test_builder_returns_exactly_what_the_reader_reads(tmp_path):
-  from rlhf_jax.hh_rlhf.load import load_split
+  from rlhf_jax.data.hh_rlhf.load import load_split
   lines = [_good(i) for i in range(12)]
   lines[4] = UNICODE
   lines.insert(7, b"")
@@ -307,7 +341,7 @@ def test_builder_returns_exactly_what_the_reader_reads(tmp_path):
 
 @unverified_ok
 def test_builder_skip_malformed_reports_counts_also_when_cached(tmp_path):
-  from rlhf_jax.hh_rlhf.load import load_split
+  from rlhf_jax.data.hh_rlhf.load import load_split
   lines = [_good(0), MALFORMED["not_json"][0], _good(2), MALFORMED["missing_chosen"][0],
            MALFORMED["missing_rejected"][0], _good(5), MALFORMED["empty"][0]]
   src = _source(tmp_path, lines)
@@ -327,7 +361,7 @@ def test_builder_skip_malformed_reports_counts_also_when_cached(tmp_path):
 
 @unverified_ok
 def test_builder_malformed_without_skipping_fails(tmp_path):
-  from rlhf_jax.hh_rlhf.load import load_split
+  from rlhf_jax.data.hh_rlhf.load import load_split
   src = _source(tmp_path, [_good(0), MALFORMED["no_assistant"][0]])
   with pytest.raises(MalformedRecordError, match=r"line 2, field 'rejected': no Assistant turn"):
     load_split("harmless-base", "train", data_dir=str(tmp_path / "tfds"), source_dir=str(src))
@@ -335,7 +369,7 @@ def test_builder_malformed_without_skipping_fails(tmp_path):
 
 @unverified_ok
 def test_builder_absent_split(tmp_path):
-  from rlhf_jax.hh_rlhf.load import load_split
+  from rlhf_jax.data.hh_rlhf.load import load_split
   src = _source(tmp_path, [_good(0), _good(1)])  # train only
   with pytest.raises(FileNotFoundError, match="harmless-base/test"):
     load_split("harmless-base", "test", data_dir=str(tmp_path / "tfds"), source_dir=str(src))
@@ -351,7 +385,8 @@ def test_builder_absent_split(tmp_path):
 @pytest.mark.parametrize("make", [True, False])
 def test_builder_empty_or_missing_source_dir_does_not_download(tmp_path, monkeypatch, make):
   from tensorflow_datasets.core.download import download_manager
-  from rlhf_jax.hh_rlhf.load import load_split
+
+  from rlhf_jax.data.hh_rlhf.load import load_split
 
   def no_network(self, *args, **kwargs):
     raise RuntimeError("tried to download")
@@ -365,7 +400,8 @@ def test_builder_empty_or_missing_source_dir_does_not_download(tmp_path, monkeyp
     load_split("harmless-base", "test", data_dir=str(tmp_path / "tfds"), source_dir=str(src))
   # The builder itself, given an empty manual_dir, must not fall back to downloading either.
   import tensorflow_datasets as tfds
-  from rlhf_jax.hh_rlhf.builder import HhRlhf
+
+  from rlhf_jax.data.hh_rlhf.builder import HhRlhf
   empty = tmp_path / "empty"
   empty.mkdir()
   builder = HhRlhf(config="harmless-base", data_dir=str(tmp_path / "tfds"), file_format="array_record")
@@ -374,7 +410,7 @@ def test_builder_empty_or_missing_source_dir_does_not_download(tmp_path, monkeyp
 
 
 def test_read_prompts_validates_every_record(tmp_path):
-  from rlhf_jax.hh_rlhf import read_prompts
+  from rlhf_jax.data.hh_rlhf import read_prompts
   good = [json.dumps({"prompt": f"\n\nHuman: q{i}?\n\nAssistant:"}) for i in range(3)]
   bad = ['{"prompt": 3}', '{"text": "x"}', "not json", '{"prompt": "  "}']
   path = tmp_path / "prompts.jsonl"
@@ -534,7 +570,7 @@ def test_ties_with_malformed_records_and_only_ties(tmp_path):
 
 @unverified_ok
 def test_builder_ties_in_metadata_split_and_cache(tmp_path):
-  from rlhf_jax.hh_rlhf.load import load_split
+  from rlhf_jax.data.hh_rlhf.load import load_split
   src = _source(tmp_path, [_good(0), _tie(1), _good(2), _tie(3)])
   dropped = dict(data_dir=str(tmp_path / "tfds"), source_dir=str(src))
   got = load_split("harmless-base", "train", **dropped)
@@ -552,7 +588,7 @@ def test_builder_ties_in_metadata_split_and_cache(tmp_path):
   # ... while one prepared with them leaves them out when asked to.
   assert [int(r["line"]) for r in load_split("harmless-base", "train", **kept).records] == [1, 3]
 
-  from rlhf_jax.hh_rlhf.builder import HhRlhf
+  from rlhf_jax.data.hh_rlhf.builder import HhRlhf
   assert str(HhRlhf.VERSION) == "1.1.0" and "1.1.0" in HhRlhf.RELEASE_NOTES
 
 
@@ -565,7 +601,7 @@ def _lm_config(path, keep_ties):
 
 @pytest.mark.parametrize("keep_ties", [False, True])
 def test_lm_data_passes_keep_ties_and_prints_the_count(tmp_path, capsys, keep_ties):
-  from rlhf_jax.lm_data import train_eval_records
+  from rlhf_jax.data.lm_data import train_eval_records
   path = _write(tmp_path / "c.jsonl.gz", [_good(i) for i in range(6)] + [_tie(6), _tie(7)])
   train, held_out, skipped = train_eval_records(_lm_config(path, keep_ties), str(tmp_path))
   lines = sorted(r["line"] for r in train + held_out)
@@ -594,7 +630,7 @@ def test_known_checksums():
   infos = checksums.load_url_infos(os.path.join(os.path.dirname(catalog.__file__), "checksums.tsv"))
   assert {u: (int(i.size), i.checksum) for u, i in infos.items()} == {
       catalog.url(rel): tuple(c) for rel, c in known.items() if c}
-  pointers = os.path.join(os.path.dirname(REAL), "..", "LFS_POINTERS.tsv")
+  pointers = os.path.join(HH_RLHF, "LFS_POINTERS.tsv") if HH_RLHF else ""
   if os.path.exists(pointers):
     with open(pointers) as f:
       rows = [line.split() for line in f][1:]
@@ -629,7 +665,7 @@ def test_verify_wrong_and_unknown_files(tmp_path):
 
 
 def test_builder_rejects_a_changed_known_file_and_hashes_once(tmp_path, monkeypatch):
-  from rlhf_jax.hh_rlhf.load import load_split
+  from rlhf_jax.data.hh_rlhf.load import load_split
   src = _source(tmp_path, [_good(0), _good(1)], split="test")
   with pytest.raises(DataError, match=f"{src}/harmless-base/test.jsonl.gz: not upstream's .* expected sha256 ebfaaed"):
     load_split("harmless-base", "test", data_dir=str(tmp_path / "tfds"), source_dir=str(src))
@@ -643,10 +679,9 @@ def test_builder_rejects_a_changed_known_file_and_hashes_once(tmp_path, monkeypa
   assert hashed == [str(src / "harmless-base" / "test.jsonl.gz")]
 
 
-@pytest.mark.filterwarnings("error::rlhf_jax.hh_rlhf.catalog.UnverifiedFileWarning")
+@pytest.mark.filterwarnings("error::rlhf_jax.data.hh_rlhf.catalog.UnverifiedFileWarning")
 def test_offline_default_sample_builds_verified(tmp_path, monkeypatch):
-  from rlhf_jax.hh_rlhf.load import load_split
-  monkeypatch.setattr(catalog, "_REPO_SHARED", str(tmp_path / "no-shared-copy"))
-  monkeypatch.delenv("RLHF_JAX_HH_RLHF_DIR", raising=False)
+  from rlhf_jax.data.hh_rlhf.load import load_split
+  monkeypatch.delenv(locations.ENV, raising=False)
   got = load_split("harmless-base", "test", data_dir=str(tmp_path / "tfds"))
   assert len(got.records) == 400 and got.ties == 0

@@ -44,7 +44,9 @@ if args[:3] == ["compute", "tpus", "tpu-vm"]:
       state.write_text("PREEMPTED")
       sys.exit(255)
     command = args[args.index("--command") + 1]
-    sys.exit(subprocess.run(["bash", "-c", command], cwd=home, env=dict(os.environ, HOME=str(home))).returncode)
+    # ssh does not carry the caller's environment: the worker sees only what the command sets.
+    env = {k: v for k, v in os.environ.items() if k != "RLHF_JAX_DATA_DIR"}
+    sys.exit(subprocess.run(["bash", "-c", command], cwd=home, env=dict(env, HOME=str(home))).returncode)
 """,
     "gcsfuse": "",
     "sudo": "",  # logged, not run: the fake worker cannot write /mnt
@@ -71,7 +73,8 @@ import json, os, subprocess, sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
   f.write(json.dumps({{"tool": "{name}", "args": args, "cwd": os.getcwd(),
-                      "JAX_LOCAL_DEVICE_IDS": os.environ.get("JAX_LOCAL_DEVICE_IDS")}}) + "\\n")
+                      "JAX_LOCAL_DEVICE_IDS": os.environ.get("JAX_LOCAL_DEVICE_IDS"),
+                      "RLHF_JAX_DATA_DIR": os.environ.get("RLHF_JAX_DATA_DIR")}}) + "\\n")
 """
 
 
@@ -95,7 +98,8 @@ def sandbox(tmp_path):
     path = job if name == "job" else bin_dir / name
     path.write_text(LOG.format(py=PY, name=name) + body)
     path.chmod(0o755)
-  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path / "calls.jsonl"),
+  env = {k: v for k, v in os.environ.items() if k != "RLHF_JAX_DATA_DIR"}  # `make test` sets it; tests set their own
+  env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path / "calls.jsonl"),
              FAKE_TPU_STATE=str(tmp_path / "tpu_state"), FAKE_WORKER_HOME=str(tmp_path / "worker"), FAKE_JOB=str(job),
              SLURM_SUBMIT_DIR=str(repo), SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="2")
   return tmp_path, repo, env
@@ -115,7 +119,7 @@ def gcloud_verbs(calls):
   return [c["args"][3] for c in calls if c["tool"] == "gcloud"]
 
 
-JOB = ["python", "-m", "rlhf_jax.sweep", "--config=experiments/paper_sweep.py", "--config.mesh.shape=(1,-1,1)",
+JOB = ["python", "-m", "rlhf_jax", "sweep", "--config=experiments/paper_sweep.py", "--config.mesh.shape=(1,-1,1)",
        "--config.name=two words"]
 POD = ["my-tpu", "us-central2-b", "v4-32", "--workdir=gs://my-bucket/sweeps/paper"]
 JOB_ARGV = JOB[1:] + ["--workdir=/mnt/gcs/my-bucket/sweeps/paper", "--jax_distributed"]
@@ -211,7 +215,21 @@ def test_tpu_refuses_workdir_inside_the_command(sandbox):
   assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and calls == []
 
 
-SHARED_JOB = ["python", "-m", "rlhf_jax.sweep", "--config=experiments/paper_sweep.py"]
+def test_tpu_sets_the_data_setting_on_every_worker(sandbox):
+  (sandbox[0] / "tpu_state").write_text("READY")
+  p, calls = run(sandbox, "tpu_pod.sh", *POD, "--", *JOB)
+  assert p.returncode == 0, p.stderr
+  assert job_calls(calls)[0]["RLHF_JAX_DATA_DIR"] is None  # unset: the job uses the bundled samples
+  p, calls = run(sandbox, "tpu_pod.sh", *POD, "--", *JOB, RLHF_JAX_DATA_DIR="/mnt/gcs/my-bucket/data dir")
+  assert p.returncode == 0, p.stderr
+  (job,) = job_calls(calls)
+  assert job["RLHF_JAX_DATA_DIR"] == "/mnt/gcs/my-bucket/data dir" and job["args"] == JOB_ARGV
+  p, calls = run(sandbox, "tpu_pod.sh", *POD, "--", *JOB, RLHF_JAX_DATA_DIR="gs://my-bucket/data")
+  assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and calls == []
+  assert "not gs:// URLs" in p.stderr and "/mnt/gcs/my-bucket" in p.stderr
+
+
+SHARED_JOB = ["python", "-m", "rlhf_jax", "sweep", "--config=experiments/paper_sweep.py"]
 
 
 @pytest.mark.parametrize("workdir_args", [["--workdir=WD"], ["--workdir", "WD"]])
@@ -227,6 +245,13 @@ def test_slurm_runs_the_job_on_every_node_with_a_shared_workdir(sandbox, workdir
   assert calls[-1]["JAX_LOCAL_DEVICE_IDS"] == "0,1"
   assert os.listdir(workdir) == []  # the visibility marker is gone
   assert not [c for c in calls if c["tool"] == "scontrol"]
+
+
+def test_slurm_job_inherits_the_data_setting(sandbox):
+  p, calls = run(sandbox, "slurm_gpu.sbatch", "--", *SHARED_JOB, f"--workdir={sandbox[0] / 'shared'}",
+                 RLHF_JAX_DATA_DIR="/nfs/data")
+  assert p.returncode == 0, p.stderr
+  assert calls[-1]["tool"] == "srun" and calls[-1]["RLHF_JAX_DATA_DIR"] == "/nfs/data"
 
 
 def test_slurm_counts_gpus_with_nvidia_smi(sandbox):

@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import lm
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import PRESETS
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.objectives import lm
+from rlhf_jax.trainers import lm_steps
 
 CFG = PRESETS["tiny"]
 MODEL = Transformer(CFG)
@@ -58,7 +59,7 @@ def test_lm_loss_ignores_padding(params):
 
 def test_eval_step_sums_match_loss(params):
   batch = _batch(2)
-  out = lm.lm_eval_step(params, batch, model=MODEL)
+  out = lm_steps.lm_eval_step(params, batch, model=MODEL)
   loss = float(lm.lm_loss(params, MODEL, batch)[0])
   np.testing.assert_allclose(float(out["nll_sum"]) / float(out["num_tokens"]), loss, rtol=1e-5)
 

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from rlhf_jax.metrics import MetricsWriter, progress, read_metrics
-
+from rlhf_jax.training.metrics import MetricsWriter, progress, read_metrics
 
 # --- TFRecord reader ------------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.model import Transformer, init_cache, init_params, read_at
-from rlhf_jax.model_config import PRESETS
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.transformer import Transformer, init_cache, init_params, read_at
 
 VOCAB = 97  # small vocab keeps the LM head cheap
 B, T = 2, 8  # the common batch shape: one compilation per config is shared by most tests

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import model as M
-from rlhf_jax.model_config import (NOMINAL_PARAMS, PRESETS, ModelConfig, flops_per_token,
-                                   get_preset, param_counts)
+from rlhf_jax.model import transformer as M
+from rlhf_jax.model.config import NOMINAL_PARAMS, PRESETS, ModelConfig, flops_per_token, get_preset, param_counts
 
 
 def _abstract_params(cfg):

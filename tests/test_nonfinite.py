@@ -2,7 +2,6 @@
 the loop stops past train.max_nonfinite_skips with the step and metric named, and no checkpoint
 ever holds a non-finite value. In every trainer and in the sweep."""
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -11,24 +10,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import micro_sweep_config, small_run_config
-from rlhf_jax import loop, train_lm
+
 from rlhf_jax.errors import NonFiniteError
-from rlhf_jax.metrics import read_metrics
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import PRESETS
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.ppo_steps import Models, PPOHyper, ppo_update
-from rlhf_jax.train_state import TrainState, create_train_state, is_finite, keep_if_finite
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.trainers import train_lm
+from rlhf_jax.trainers.ppo_steps import Models, PPOHyper, ppo_update
+from rlhf_jax.training import loop
+from rlhf_jax.training.metrics import read_metrics
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.train_state import TrainState, create_train_state, is_finite, keep_if_finite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import lm as lm_config  # noqa: E402
 from test_faults import ENV  # noqa: E402  (1-device subprocesses sharing the compilation cache)
+
+from configs import lm as lm_config  # noqa: E402
 
 # Adam moves every weight by about the learning rate in its first steps: 1e30 makes the next
 # forward pass overflow float32 (max 3.4e38) on any processor, so the failure is deterministic.
@@ -95,7 +95,7 @@ def _all_finite(tree):
 def test_pm_command_with_exploding_learning_rate_stops_and_keeps_good_checkpoints(tmp_path):
   """The reported case: learning rate huge, no clipping, keep-last-3 checkpoints."""
   out = subprocess.run(
-      [sys.executable, "-m", "rlhf_jax.train_pm", "--config=configs/pm.py:tiny", f"--workdir={tmp_path}",
+      [sys.executable, "-m", "rlhf_jax", "train_pm", "--config=configs/pm.py:tiny", f"--workdir={tmp_path}",
        f"--config.optimizer.learning_rate={HUGE_LR}", "--config.optimizer.grad_clip=0",
        "--config.optimizer.warmup_steps=0", "--config.train.steps=12", "--config.train.checkpoint_every=1",
        "--config.train.batch_size=8", "--config.train.seq_len=64", "--config.data.max_examples=200",
@@ -187,7 +187,7 @@ def test_ppo_update_skips_non_finite_minibatches():
 
 
 def test_sweep_stops_at_the_stage_that_diverged(tmp_path):
-  from rlhf_jax.sweep import run_sweep
+  from rlhf_jax.experiments.sweep import run_sweep
   config = micro_sweep_config()
   config.lm = dict(config.lm, optimizer={"learning_rate": HUGE_LR, "warmup_steps": 0})
   with pytest.raises(NonFiniteError, match="non-finite"):

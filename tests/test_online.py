@@ -6,10 +6,11 @@ import signal
 
 import numpy as np
 import pytest
-
 from conftest import micro_online_config
-from rlhf_jax import metrics, online
-from rlhf_jax.stages import STAGE_DONE, StageInterrupted
+
+from rlhf_jax.experiments import online
+from rlhf_jax.experiments.stages import STAGE_DONE, StageInterrupted
+from rlhf_jax.training import metrics
 
 
 def _jsonl(path):
@@ -131,7 +132,7 @@ def test_round_options_wire_the_previous_rounds_runs(tmp_path):
 
 
 def test_summary_is_the_mean_and_spread_over_seeds():
-  from rlhf_jax import online_analysis
+  from rlhf_jax.analysis import online as online_analysis
   rows = [{"size": "xs", "arm": "online", "round": 1, "seed": s, **{m: v for m in online_analysis.METRICS}}
           for s, v in enumerate([1.0, 2.0, 4.0])]
   (summary,) = online_analysis.summarise(rows)

@@ -11,18 +11,19 @@ import numpy as np
 import optax
 import pytest
 
-import numerics
+from rlhf_jax.data.batching import encode_dialogue
+from rlhf_jax.data.hh_rlhf import catalog, read_comparisons
+from rlhf_jax.data.pm_data import PMBatcher, encode_comparison, encode_for_pm, split_in_halves
+from rlhf_jax.data.tokenizer import EOC_ID, EOS_ID, PAD_ID, train_tokenizer
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.objectives import pm
+from rlhf_jax.trainers import pm_steps
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.train_state import create_train_state
 
-from rlhf_jax import pm
-from rlhf_jax import sharding as shd
-from rlhf_jax.batching import encode_dialogue
-from rlhf_jax.hh_rlhf import catalog, read_comparisons
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import PRESETS
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.pm_data import PMBatcher, encode_comparison, encode_for_pm, split_in_halves
-from rlhf_jax.tokenizer import EOC_ID, EOS_ID, PAD_ID, train_tokenizer
-from rlhf_jax.train_state import create_train_state
+import numerics
 
 CFG = dataclasses.replace(PRESETS["tiny"], vocab_size=64)
 MODEL = Transformer(CFG)
@@ -251,7 +252,7 @@ def test_sharded_pm_step_equals_single_device(single):
                       in_shardings=(shardings.params, shd.batch_sharding(mesh)))
     grads = shd.under_mesh(grad_fn, mesh)(state.params, shd.shard_batch(_sharded_batch(0), mesh))
     grads = jax.tree.map(np.asarray, grads)
-    step = pm.jit_pm_train_step(MODEL, tx, mesh, shardings, lm_weight=0.5)
+    step = pm_steps.jit_pm_train_step(MODEL, tx, mesh, shardings, lm_weight=0.5)
     metrics, after = [], []
     for i in range(2):
       state, m = step(state, shd.shard_batch(_sharded_batch(i), mesh))
@@ -329,7 +330,7 @@ def test_learns_marker_rule_from_scratch(single):
   # A random (not zero) head, so the initial accuracy is chance rather than all ties.
   head = np.random.default_rng(3).normal(0, CFG.d_model ** -0.5, CFG.d_model).astype(np.float32)
   state = jax.device_put(host_state.replace(params=dict(host_state.params, scalar_head=head)), shardings)
-  score = pm.jit_pm_score_step(MODEL, mesh, shardings.params)
+  score = pm_steps.jit_pm_score_step(MODEL, mesh, shardings.params)
   held_out = _marker_batch(np.random.default_rng(1000), 256)
 
   def accuracy():
@@ -338,7 +339,7 @@ def test_learns_marker_rule_from_scratch(single):
 
   initial = accuracy()
   assert 0.3 < initial < 0.7
-  step = pm.jit_pm_train_step(MODEL, tx, mesh, shardings)
+  step = pm_steps.jit_pm_train_step(MODEL, tx, mesh, shardings)
   rng = np.random.default_rng(0)
   for _ in range(steps):
     state, metrics = step(state, shd.shard_batch(_marker_batch(rng, 32), mesh))

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import ppo
+from rlhf_jax.objectives import ppo
 
 B, T = 5, 9
 

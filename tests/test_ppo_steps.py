@@ -20,19 +20,19 @@ import ml_collections
 import numpy as np
 import pytest
 
-import numerics
+from rlhf_jax.data.batching import Encoded
+from rlhf_jax.data.prompts import PromptBatcher
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.sampling import Generation, generate
+from rlhf_jax.model.transformer import ModelOutput, Transformer, init_params
+from rlhf_jax.objectives import ppo
+from rlhf_jax.trainers.ppo_steps import Models, PPOHyper, ppo_loss, ppo_update, score_rollout
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.checkpointing import Checkpointer
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.train_state import create_train_state, state_shardings
 
-from rlhf_jax import ppo
-from rlhf_jax import sharding as shd
-from rlhf_jax.batching import Encoded
-from rlhf_jax.checkpointing import Checkpointer
-from rlhf_jax.model import ModelOutput, Transformer, init_params
-from rlhf_jax.model_config import PRESETS
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.ppo_steps import Models, PPOHyper, ppo_loss, ppo_update, score_rollout
-from rlhf_jax.sampling import Generation, generate
-from rlhf_jax.train_ppo import PromptBatcher
-from rlhf_jax.train_state import create_train_state, state_shardings
+import numerics
 
 PAD, EOS, EOC, MARKER = 0, 1, 2, 7
 CFG = dataclasses.replace(PRESETS["tiny"], vocab_size=32, num_layers=1)

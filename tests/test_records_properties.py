@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf_jax.dialogue import ASSISTANT, HUMAN, human_turns_prompt, parse_turns, split_comparison
+from rlhf_jax.data.dialogue import ASSISTANT, HUMAN, human_turns_prompt, parse_turns, split_comparison
+from rlhf_jax.data.hh_rlhf.records import MalformedRecordError, read_comparisons, read_prompts, read_red_team
 from rlhf_jax.errors import DataError, UserError
-from rlhf_jax.hh_rlhf.records import MalformedRecordError, read_comparisons, read_prompts, read_red_team
 
 # Small runs (the file takes seconds); no example database written into the checkout.
 SMALL = settings(max_examples=150, deadline=None, database=None,

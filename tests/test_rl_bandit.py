@@ -17,12 +17,13 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import dpo, ppo
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import PRESETS
-from rlhf_jax.ppo_steps import PPOHyper, _advantages
-from rlhf_jax.sampling import generate
-from rlhf_jax.train_state import TrainState
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.sampling import generate
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.objectives import ppo
+from rlhf_jax.trainers import dpo_steps
+from rlhf_jax.trainers.ppo_steps import PPOHyper, _advantages
+from rlhf_jax.training.train_state import TrainState
 
 PAD, EOS, MARKER = 0, 1, 5
 CFG = dataclasses.replace(PRESETS["tiny"], vocab_size=16, d_model=32, num_layers=1, mlp_dim=64)
@@ -153,7 +154,7 @@ def test_dpo_learns_the_marker(initial):
   params = {"policy": ref}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.PRNGKey(0), data_position=jnp.zeros((), jnp.int32))
-  step = jax.jit(functools.partial(dpo.dpo_train_step, model=POLICY, tx=tx, loss="dpo"))
+  step = jax.jit(functools.partial(dpo_steps.dpo_train_step, model=POLICY, tx=tx, loss="dpo"))
   losses = []
   for _ in range(ITERS):
     state, metrics = step(state, ref, batch, 0.1)

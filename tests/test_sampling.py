@@ -1,6 +1,6 @@
 """Sampling tests: cached generation against uncached full forward passes and numpy references.
 
-Every reference here is independent of the decode loop in `rlhf_jax.sampling`: log-probs come
+Every reference here is independent of the decode loop in `rlhf_jax.model.sampling`: log-probs come
 from one full (uncached) forward pass over prompt + response, greedy decoding is re-derived by a
 plain Python loop that re-runs the full model each step, left padding and the top-k / top-p
 filters are re-implemented in numpy, and sampling frequencies are compared with a float64 softmax.
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import PRESETS
-from rlhf_jax.sampling import filter_logits, generate, to_left_padding
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.sampling import filter_logits, generate, to_left_padding
+from rlhf_jax.model.transformer import Transformer, init_params
 
 CFG = dataclasses.replace(PRESETS["tiny"], dtype="float32", param_dtype="float32")
 SCAN_CFG = dataclasses.replace(CFG, scan_layers=True)

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import scale_plan  # noqa: E402
@@ -16,7 +14,7 @@ def test_810m_pm_step_on_8_devices_holds_an_eighth_of_the_state_per_device():
                          "--steps=pm", "--batch=8", "--seq=128"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  from rlhf_jax.model_config import get_preset, param_counts
+  from rlhf_jax.model.config import get_preset, param_counts
   total = param_counts(get_preset("810m"))["total"]
   assert row["params"] == total
   # float32 params + AdamW's two float32 moments = 12 bytes per parameter, split 8 ways (FSDP);

@@ -7,14 +7,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-import numerics
+from rlhf_jax.model.config import PRESETS
+from rlhf_jax.model.transformer import Transformer, init_params
+from rlhf_jax.objectives import lm
+from rlhf_jax.trainers import lm_steps
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.train_state import create_train_state
 
-from rlhf_jax import lm
-from rlhf_jax import sharding as shd
-from rlhf_jax.model import Transformer, init_params
-from rlhf_jax.model_config import PRESETS
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.train_state import create_train_state
+import numerics
 
 OPT = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=0, final_lr_fraction=1.0, b1=0.9,
                                      b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
@@ -33,7 +34,7 @@ def _train(cfg, mesh, steps=2):
   tx = make_optimizer(OPT, total_steps=10)
   state, shardings = create_train_state(lambda r: init_params(cfg, r), tx, mesh, jax.random.PRNGKey(0))
   initial = jax.tree.map(np.asarray, state.params)
-  step = lm.jit_lm_train_step(Transformer(cfg), tx, mesh, shardings)
+  step = lm_steps.jit_lm_train_step(Transformer(cfg), tx, mesh, shardings)
   losses, after = [], []
   for i in range(steps):
     state, metrics = step(state, shd.shard_batch(_batch(i, cfg), mesh))
@@ -123,7 +124,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp
 import flax.linen as nn
 sys.path.insert(0, ".")
-from rlhf_jax import sharding as shd
+from rlhf_jax.training import sharding as shd
+
 mesh = shd.make_mesh((2, 2, 2))
 if sys.argv[1] == "control":  # a bare lookup in a table split over vocab and embed
   table = jax.ShapeDtypeStruct((1024, 64), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, jax.P("tensor", "fsdp")))
@@ -132,11 +134,11 @@ if sys.argv[1] == "control":  # a bare lookup in a table split over vocab and em
   jax.jit(lambda t, i: jnp.take(t, i, axis=0), out_shardings=out).lower(table, ids).compile()
 else:
   from configs import pm as pm_config
-  from rlhf_jax.model import Transformer, init_params
-  from rlhf_jax.model_config import get_preset
-  from rlhf_jax.optimizer import make_optimizer
-  from rlhf_jax.pm import pm_train_step
-  from rlhf_jax.train_state import state_shardings
+  from rlhf_jax.model.transformer import Transformer, init_params
+  from rlhf_jax.model.config import get_preset
+  from rlhf_jax.training.optimizer import make_optimizer
+  from rlhf_jax.trainers.pm_steps import pm_train_step
+  from rlhf_jax.training.train_state import state_shardings
   cfg = get_preset("tiny")
   tx = make_optimizer(pm_config.get_config("tiny").optimizer, 10)
   abstract, shardings = state_shardings(lambda r: init_params(cfg, r), tx, mesh)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_jax.simulated_labeller import expected_agreement, noisy_preferences, tau_for_agreement
+from rlhf_jax.experiments.simulated_labeller import expected_agreement, noisy_preferences, tau_for_agreement
 
 
 def test_tau_to_zero_gives_the_gold_ranking():

@@ -8,11 +8,12 @@ import signal
 import jax
 import numpy as np
 import pytest
-
 from conftest import micro_sweep_config
-from rlhf_jax import metrics, sweep
-from rlhf_jax.model_config import param_counts
-from rlhf_jax.scaling_analysis import load_results
+
+from rlhf_jax.analysis.results import load_results
+from rlhf_jax.experiments import stage_configs, stages, sweep
+from rlhf_jax.model.config import param_counts
+from rlhf_jax.training import metrics
 
 
 def _results(workdir):
@@ -40,33 +41,33 @@ def test_plan_runs_every_stage_in_dependency_order(tmp_path):
 
 def test_stage_configs_wire_the_pipeline(tmp_path):
   c, w = micro_sweep_config(), str(tmp_path)
-  assert sweep.pm_config(c, w, "xs").data.path == os.path.join(w, "labels_xs", "labels.jsonl")
-  assert sweep.pm_config(c, w, "xs").init_from == os.path.join(w, "lm_xs")
-  assert sweep.pm_config(c, w, "gold").data.path == ""  # the gold PM learns from the human data
-  assert sweep.pm_config(c, w, "gold").train.steps == 30 and sweep.pm_config(c, w, "xs").train.steps == 20
-  rl = sweep.ppo_config(c, w, "s")
+  assert stage_configs.pm_config(c, w, "xs").data.path == os.path.join(w, "labels_xs", "labels.jsonl")
+  assert stage_configs.pm_config(c, w, "xs").init_from == os.path.join(w, "lm_xs")
+  assert stage_configs.pm_config(c, w, "gold").data.path == ""  # the gold PM learns from the human data
+  assert stage_configs.pm_config(c, w, "gold").train.steps == 30 and stage_configs.pm_config(c, w, "xs").train.steps == 20
+  rl = stage_configs.ppo_config(c, w, "s")
   assert (rl.policy_from, rl.pm_dir) == (os.path.join(w, "sft_s"), os.path.join(w, "pm_s"))
-  sft = sweep.sft_config(c, w, "s")
+  sft = stage_configs.sft_config(c, w, "s")
   assert (sft.objective, sft.init_from, sft.train.steps, sft.train.seq_len) == ("sft", os.path.join(w, "lm_s"), 10, 64)
   c.sft.objective = ""  # PPO, labels and best-of-N then start from the pretrained LM
-  assert sweep.ppo_config(c, w, "s").policy_from == os.path.join(w, "lm_s")
+  assert stage_configs.ppo_config(c, w, "s").policy_from == os.path.join(w, "lm_s")
   c = micro_sweep_config()
   assert tuple(rl.eval.pm_dirs) == (os.path.join(w, "pm_gold"),)
-  assert sweep.lm_config(c, w, "s").model.d_model == 48
+  assert stage_configs.lm_config(c, w, "s").model.d_model == 48
   halves = micro_sweep_config(setup="halves")
-  assert (sweep.pm_config(halves, w, "xs").data.half, sweep.pm_config(halves, w, "gold").data.half) == ("a", "b")
-  assert sweep.pm_config(halves, w, "xs").data.path == ""
+  assert (stage_configs.pm_config(halves, w, "xs").data.half, stage_configs.pm_config(halves, w, "gold").data.half) == ("a", "b")
+  assert stage_configs.pm_config(halves, w, "xs").data.path == ""
   # The other methods: rl's settings with their own overrides; DPO on the proxy PM's comparisons,
   # sampled and evaluated exactly as the RL runs are.
-  rloo, ppo = sweep.ppo_config(c, w, "xs", "rloo"), sweep.ppo_config(c, w, "xs")
+  rloo, ppo = stage_configs.ppo_config(c, w, "xs", "rloo"), stage_configs.ppo_config(c, w, "xs")
   assert (rloo.algorithm, rloo.ppo.samples_per_prompt, ppo.algorithm, ppo.ppo.samples_per_prompt) == ("rloo", 4, "ppo", 1)
   assert rloo.ppo.rollout_batch == ppo.ppo.rollout_batch and rloo.train.steps == ppo.train.steps
-  dpo = sweep.dpo_config(c, w, "xs", 0.1)
-  assert dpo.preferences.to_dict() == sweep.pm_config(c, w, "xs").data.to_dict()
+  dpo = stage_configs.dpo_config(c, w, "xs", 0.1)
+  assert dpo.preferences.to_dict() == stage_configs.pm_config(c, w, "xs").data.to_dict()
   assert (dpo.dpo.beta, dpo.policy_from, dpo.pm_dir) == (0.1, ppo.policy_from, ppo.pm_dir)
   assert dpo.eval.to_dict() == ppo.eval.to_dict() and dpo.data.to_dict() == ppo.data.to_dict()
-  assert all(dpo.ppo[k] == ppo.ppo[k] for k in ("prompt_len", "max_new_tokens", "temperature", "top_k", "top_p"))
-  assert sweep.dpo_config(halves, w, "xs", 0.5).preferences.half == "a"
+  assert dpo.sampling.to_dict() == ppo.sampling.to_dict()
+  assert stage_configs.dpo_config(halves, w, "xs", 0.5).preferences.half == "a"
 
 
 def test_bad_sweep_configs_are_named(tmp_path):
@@ -96,8 +97,8 @@ class _Tok:
 
 
 def test_gold_labels_prefer_the_higher_gold_score_and_count_ties(monkeypatch):
-  from rlhf_jax.model import Transformer, init_params
-  from rlhf_jax.model_config import ModelConfig
+  from rlhf_jax.model.config import ModelConfig
+  from rlhf_jax.model.transformer import Transformer, init_params
   cfg = ModelConfig(vocab_size=40, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
                     mlp_dim=32, max_seq_len=64)
   policy = type("P", (), {"model": Transformer(cfg), "params": init_params(cfg, jax.random.PRNGKey(0))})()
@@ -139,7 +140,7 @@ def test_micro_sweep_collects_every_point(micro_sweep_dir):
     bon = [r for r in rows if r["size"] == size and r["method"] == "bon"]
     assert [r["step"] for r in rl] == [0, 2, 4] and [r["step"] for r in bon] == [1, 2, 4]
     assert rl[0]["kl"] == 0.0 and bon[0]["kl"] == 0.0
-    assert {r["params"] for r in rl + bon} == {param_counts(sweep.model_config(c, size))["non_embedding"]}
+    assert {r["params"] for r in rl + bon} == {param_counts(stage_configs.model_config(c, size))["non_embedding"]}
     # Each RL row is exactly the PPO run's evaluation at that step, gold reward from the gold PM.
     logged = {m["step"]: m for m in metrics.read_metrics(os.path.join(micro_sweep_dir, f"ppo_{size}"))
               if "eval_kl" in m}
@@ -163,12 +164,12 @@ def test_micro_sweep_collects_every_point(micro_sweep_dir):
 
 
 def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_dir, capsys):
-  before = {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))
-            for d in os.listdir(micro_sweep_dir) if os.path.exists(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE))}
+  before = {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, stages.STAGE_DONE))
+            for d in os.listdir(micro_sweep_dir) if os.path.exists(os.path.join(micro_sweep_dir, d, stages.STAGE_DONE))}
   assert len(before) == 13
   sweep.run_sweep(micro_sweep_config(), micro_sweep_dir)
   assert capsys.readouterr().out.count("skipped") == 13
-  assert before == {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, sweep.STAGE_DONE)) for d in before}
+  assert before == {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, stages.STAGE_DONE)) for d in before}
   changed = micro_sweep_config()
   changed.rl.kl = {"coef": 0.5}
   with pytest.raises(ValueError, match=r"ppo_xs finished with other settings: kl.coef 0.001 -> 0.5"):
@@ -193,7 +194,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_
   monkeypatch.setattr(metrics.MetricsWriter, "write", write_then_sigterm)
   with pytest.raises(sweep.SweepInterrupted, match="ppo_xs stopped at step 3 of 4"):
     sweep.run_sweep(micro_sweep_config(), workdir)
-  assert not os.path.exists(os.path.join(workdir, "ppo_xs", sweep.STAGE_DONE))
+  assert not os.path.exists(os.path.join(workdir, "ppo_xs", stages.STAGE_DONE))
   assert not os.path.exists(os.path.join(workdir, "bon_xs"))
   monkeypatch.setattr(metrics.MetricsWriter, "write", write)
   capsys.readouterr()
@@ -258,7 +259,7 @@ def test_paper_sweep_evaluates_every_size_on_whole_data_sets(tmp_path):
   ev = sweep.evals_config(c)
   assert ev.full and "elo" in ev.suites and tuple(ev.elo.bon_ns) == (4, 16, 64)
   for size in c.sizes:
-    assert {f"ppo_{size}", f"rloo_{size}", f"grpo_{size}", sweep.dpo_stage_name(size, 0.1)} <= set(names)
+    assert {f"ppo_{size}", f"rloo_{size}", f"grpo_{size}", stage_configs.dpo_stage_name(size, 0.1)} <= set(names)
   with pytest.raises(ValueError, match=r"evals\.bbq\.max_per_categry: no such setting"):
     sweep.plan(micro_sweep_config(evals={"bbq": {"max_per_categry": 3}}), str(tmp_path))
 
@@ -268,21 +269,23 @@ def _independent_kl(stage_dir):
   the evaluator's samples (same mesh, prompts, seed), then per-token log-ratios from the two
   models' logits with a float64 log-softmax, summed over each response and averaged."""
   import functools
-  from rlhf_jax import sharding as shd
-  from rlhf_jax.batching import Encoded
-  from rlhf_jax.pm_evaluation import load_run_config
-  from rlhf_jax.sampling import generate
-  from rlhf_jax.train_ppo import FrozenModel, PromptBatcher, load_policy, prompt_texts, same_tokenizer
+
+  from rlhf_jax.data.batching import Encoded
+  from rlhf_jax.data.prompts import PromptBatcher, prompt_texts
+  from rlhf_jax.data.tokenizer import same_tokenizer
+  from rlhf_jax.model.sampling import generate
+  from rlhf_jax.training import sharding as shd
+  from rlhf_jax.training.saved_runs import FrozenModel, load_policy, load_run_config
   cfg = load_run_config(stage_dir)
   mesh = shd.make_mesh(cfg.mesh.shape)
   tok = same_tokenizer(cfg.policy_from)
   _, texts = prompt_texts(cfg, stage_dir)
   prompts = PromptBatcher([Encoded(tok.encode(t), []) for t in texts[:cfg.eval.num_prompts]],
-                          batch_size=cfg.eval.num_prompts, seq_len=cfg.ppo.prompt_len, seed=cfg.train.seed,
+                          batch_size=cfg.eval.num_prompts, seq_len=cfg.sampling.prompt_len, seed=cfg.train.seed,
                           pad_id=tok.pad_id).in_order()[0]
   policy, initial = load_policy(stage_dir, mesh), FrozenModel(cfg.policy_from, mesh)
-  gen = functools.partial(generate, model=initial.model, max_new_tokens=cfg.ppo.max_new_tokens,
-                          temperature=cfg.ppo.temperature, top_k=cfg.ppo.top_k, top_p=cfg.ppo.top_p,
+  gen = functools.partial(generate, model=initial.model, max_new_tokens=cfg.sampling.max_new_tokens,
+                          temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
                           eos_id=tok.eos_id, pad_id=tok.pad_id)(
       policy.params, prompts["tokens"], prompts["attention_mask"], jax.random.PRNGKey(cfg.eval.seed))
   tokens = np.concatenate([np.asarray(gen.prompt_tokens), np.asarray(gen.tokens)], axis=1)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from rlhf_jax.hh_rlhf import catalog
-from rlhf_jax.hh_rlhf.records import read_comparisons
-from rlhf_jax.tokenizer import EOC_PIECE, MODEL_FILE, Tokenizer, train_tokenizer
+from rlhf_jax.data.hh_rlhf import catalog
+from rlhf_jax.data.hh_rlhf.records import read_comparisons
+from rlhf_jax.data.tokenizer import EOC_PIECE, MODEL_FILE, Tokenizer, train_tokenizer
 
 VOCAB = 512
 NUM_TRAIN = 150  # of the sample's 400 records: the rest are dialogues the tokenizer never saw
@@ -134,7 +134,7 @@ def test_foreign_models_rejected(tmp_path):
   # SentencePiece's defaults: unk=0, bos=1, eos=2, no pad, no end-of-context piece.
   default = _spm_model(tmp_path / "default.model")
   assert spm.SentencePieceProcessor(model_file=default).pad_id() == -1
-  with pytest.raises(ValueError, match="not trained by rlhf_jax.tokenizer.train_tokenizer"):
+  with pytest.raises(ValueError, match="not trained by rlhf_jax.data.tokenizer.train_tokenizer"):
     Tokenizer(default)
   # Right pad/unk/eos ids but no end-of-context piece at id 3.
   no_eoc = _spm_model(tmp_path / "no_eoc.model", pad_id=0, unk_id=1, eos_id=2, bos_id=-1)

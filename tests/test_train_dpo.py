@@ -7,10 +7,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-from rlhf_jax import loop, train_dpo
-from rlhf_jax.metrics import read_metrics
 from test_train_ppo import _raw_state, _StopAfter
+
+from rlhf_jax.trainers import train_dpo
+from rlhf_jax.training import loop
+from rlhf_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -23,7 +24,7 @@ def _dpo_config(runs, steps):
   c.preferences.max_examples = 120
   c.data.max_examples = 120
   c.eval.num_prompts = 8
-  c.ppo.max_new_tokens, c.ppo.prompt_len = 6, 16
+  c.sampling.max_new_tokens, c.sampling.prompt_len = 6, 16
   c.train.steps, c.train.eval_every, c.train.log_every = steps, 2, 1
   c.train.batch_size, c.train.seq_len = 8, 64
   c.train.checkpoint_every, c.train.async_checkpointing = 100, False

@@ -11,14 +11,14 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax import sharding as shd
-from rlhf_jax.checkpointing import Checkpointer
-from rlhf_jax.metrics import read_metrics
-from rlhf_jax.model import init_params
-from rlhf_jax.model_config import ModelConfig
-from rlhf_jax.optimizer import make_optimizer
-from rlhf_jax.train_lm import train
-from rlhf_jax.train_state import state_shardings
+from rlhf_jax.model.config import ModelConfig
+from rlhf_jax.model.transformer import init_params
+from rlhf_jax.trainers.train_lm import train
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.checkpointing import Checkpointer
+from rlhf_jax.training.metrics import read_metrics
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.train_state import state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -34,7 +34,7 @@ SMALL = ["--config.train.batch_size=8", "--config.train.seq_len=64", "--config.d
 
 
 def _cli(workdir, *overrides):
-  return [sys.executable, "-m", "rlhf_jax.train_lm", "--config=configs/lm.py:tiny", f"--workdir={workdir}",
+  return [sys.executable, "-m", "rlhf_jax", "train_lm", "--config=configs/lm.py:tiny", f"--workdir={workdir}",
           *SMALL, *overrides]
 
 
@@ -108,7 +108,7 @@ def test_preempted_run_resumes_bitwise(tmp_path):
   workdir = tmp_path / "preempted"
   code, out = _run_until(workdir, overrides, stop_at, signal.SIGTERM)
   assert code == 75, out[-2000:]  # preemption is a clean exit with EX_TEMPFAIL (requeue me)...
-  assert f"interrupted at step" in out
+  assert "interrupted at step" in out
   assert Checkpointer(str(workdir / "checkpoints")).latest_step() < steps  # ...that stopped early
   rerun = subprocess.run(_cli(workdir, *overrides), cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=300)

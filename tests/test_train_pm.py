@@ -15,18 +15,22 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-
-from rlhf_jax import calibration as cal
-from rlhf_jax import loop, pm, train_pm
-from rlhf_jax.checkpointing import Checkpointer
-from rlhf_jax.hh_rlhf.records import read_comparisons
-from rlhf_jax.lm_data import train_eval_records
 from conftest import small_run_config
-from rlhf_jax.metrics import read_metrics
-from rlhf_jax.model import init_params
-from rlhf_jax.pm_data import PMBatcher, encode_comparison, split_in_halves
-from rlhf_jax.pm_evaluation import evaluate_pm, load_run_config
-from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer
+
+from rlhf_jax.data import inputs
+from rlhf_jax.data.hh_rlhf.records import read_comparisons
+from rlhf_jax.data.lm_data import train_eval_records
+from rlhf_jax.data.pm_data import PMBatcher, encode_comparison, split_in_halves
+from rlhf_jax.data.tokenizer import MODEL_FILE, Tokenizer
+from rlhf_jax.model.transformer import init_params
+from rlhf_jax.objectives import calibration as cal
+from rlhf_jax.objectives import pm
+from rlhf_jax.trainers import train_pm
+from rlhf_jax.trainers.pm_evaluation import evaluate_pm
+from rlhf_jax.training import loop
+from rlhf_jax.training.checkpointing import Checkpointer
+from rlhf_jax.training.metrics import read_metrics
+from rlhf_jax.training.saved_runs import load_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -231,7 +235,7 @@ def test_evaluation_reports_match_recomputed_scores(run):
 # --- (c) train-PM / test-PM halves ----------------------------------------------------------------
 
 def _train_cli(workdir, *overrides):
-  return [sys.executable, "-m", "rlhf_jax.train_pm", "--config=configs/pm.py:tiny", f"--workdir={workdir}",
+  return [sys.executable, "-m", "rlhf_jax", "train_pm", "--config=configs/pm.py:tiny", f"--workdir={workdir}",
           "--config.train.batch_size=8", "--config.train.seq_len=64", "--config.mesh.shape=(1,1,1)",
           "--config.progress_bar=False", *overrides]
 
@@ -265,7 +269,7 @@ def test_halves_train_on_disjoint_halves(run, tmp_path):
       assert ckpt.all_steps() == [2]
     assert (tmp_path / half / "eval_pm.json").exists()
     config = load_run_config(str(tmp_path / half))
-    lines[half] = {r["line"] for r in train_pm.comparison_records(config, str(tmp_path / half))[0]}
+    lines[half] = {r["line"] for r in inputs.comparison_records(config, str(tmp_path / half))[0]}
 
   full_train, _, _ = train_eval_records(config, str(tmp_path))
   assert len(full_train) == 47
@@ -288,7 +292,7 @@ def test_eval_pm_command_line_on_another_file(run, tmp_path):
   for name in ["eval_pm.json", "calibration.md", "reliability.png", cal.NORMALISATION_FILE]:
     os.remove(os.path.join(pm_dir, name))
   data = _write_comparisons(tmp_path / "other.jsonl.gz", 37, seed=2)  # not a multiple of batch 8
-  out = subprocess.run([sys.executable, "-m", "rlhf_jax.eval_pm", f"--pm_dir={pm_dir}",
+  out = subprocess.run([sys.executable, "-m", "rlhf_jax", "eval_pm", f"--pm_dir={pm_dir}",
                         f"--data_path={data}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

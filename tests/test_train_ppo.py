@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import loop, train_ppo
-from rlhf_jax.metrics import read_metrics
+from rlhf_jax.data import prompts as prompt_data
+from rlhf_jax.trainers import train_ppo
+from rlhf_jax.training import loop
+from rlhf_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,8 +28,8 @@ def _ppo_config(runs, steps):
   config.eval.pm_dirs = (runs[1],)  # scored again as an "extra" PM: must agree with "pm"
   config.eval.num_prompts = 8
   config.ppo.rollout_batch = 8
-  config.ppo.max_new_tokens = 6
-  config.ppo.prompt_len = 16
+  config.sampling.max_new_tokens = 6
+  config.sampling.prompt_len = 16
   config.train.steps = steps
   config.train.eval_every = 2
   config.train.checkpoint_every = 100
@@ -110,7 +112,7 @@ def test_prompt_file_is_split_into_disjoint_train_and_held_out_prompts(tmp_path)
   config = ppo_config.get_config("tiny")
   config.data.prompts_path = str(path)
   config.data.eval_fraction = 0.25
-  train, held_out = train_ppo.prompt_texts(config, str(tmp_path))
+  train, held_out = prompt_data.prompt_texts(config, str(tmp_path))
   assert len(held_out) == 5 and len(train) == 15
   assert sorted(train + held_out) == sorted(texts)
   assert train == [t for t in texts if t in train]  # file order kept

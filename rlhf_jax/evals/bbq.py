@@ -34,9 +34,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from rlhf_jax.calibration import wilson_interval
 from rlhf_jax.errors import ConfigError, DataError
 from rlhf_jax.evals.loglik import encode_requests
+from rlhf_jax.objectives.calibration import wilson_interval
 
 PROMPT = "{context} {question}\nAnswer:"
 ANSWERS = ("ans0", "ans1", "ans2")

@@ -8,7 +8,7 @@ absolute score over occupations (0 for a model that treats the two terms of ever
 
 Word lists. Rae et al. and Bai et al. use 76 occupations and 12 gendered pairs; their exact lists
 were not obtainable here, so the default occupations are the union of the Winogender occupations
-(Rudinger et al. 2018, the 60 of ../shared/data/evals/winogender/occupations-stats.tsv) and the
+(Rudinger et al. 2018, the 60 of occupations-stats.tsv, bundled in evals/data/winogender/) and the
 WinoBias occupations (Zhao et al. 2018, 40, 20 of them new): 80 in all. The 12 pairs are
 nouns that continue "was a" grammatically. Both are options, like the templates.
 """

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rlhf_jax import sharding as shd
-from rlhf_jax.lm import token_log_probs
-from rlhf_jax.model import Transformer
-from rlhf_jax.model_config import ModelConfig
+from rlhf_jax.model.config import ModelConfig
+from rlhf_jax.model.transformer import Transformer
+from rlhf_jax.objectives.lm import token_log_probs
+from rlhf_jax.training import sharding as shd
 
 Request = tuple[Sequence[int], Sequence[int]]
 
@@ -66,7 +66,7 @@ class Scorer:
   @classmethod
   def from_run(cls, run_dir: str, mesh: Optional[Mesh] = None, **kwargs) -> "Scorer":
     """The model of a trained run directory (LM, SFT, PPO policy or PM)."""
-    from rlhf_jax.train_ppo import FrozenModel
+    from rlhf_jax.training.saved_runs import FrozenModel
     mesh = mesh if mesh is not None else shd.make_mesh((-1, 1, 1))
     frozen = FrozenModel(run_dir, mesh)
     return cls(frozen.params, frozen.model.cfg, mesh, **kwargs)

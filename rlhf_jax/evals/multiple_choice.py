@@ -11,26 +11,24 @@ so a choice carries its own leading space (" blue"), the harness's target delimi
   text, this length minus one.)
 - Ties go to the first choice (numpy's argmax). Intervals: Wilson 95% (`<metric>_ci`).
 
-Converters write that format from the published files (`python -m rlhf_jax.evals.multiple_choice
-convert --kind=mmlu abstract_algebra_test.csv out.jsonl`); see `CONVERTERS` for the layouts.
+Converters write that format from the published files (`python -m rlhf_jax convert_mc
+--kind=mmlu abstract_algebra_test.csv out.jsonl`); see `CONVERTERS` for the layouts.
 data/mc_sample.jsonl is a 20-question demonstration task written for this project (no licence issue).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
 import json
 import os
 import re
-import sys
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from rlhf_jax.calibration import wilson_interval
-from rlhf_jax.errors import ConfigError, DataError, UserError
+from rlhf_jax.errors import ConfigError, DataError
 from rlhf_jax.evals.loglik import encode_requests
+from rlhf_jax.objectives.calibration import wilson_interval
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -322,22 +320,14 @@ def convert(kind: str, src_path: str, dst_path: str) -> int:
   return len(records)
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m rlhf_jax.evals.multiple_choice")
-  sub = parser.add_subparsers(dest="command", required=True)
-  conv = sub.add_parser("convert", help="write a published multiple-choice data set as generic JSONL")
-  conv.add_argument("--kind", required=True, choices=KINDS)
-  conv.add_argument("src")
-  conv.add_argument("dst")
-  args = parser.parse_args(argv)
-  try:
-    n = convert(args.kind, args.src, args.dst)
-  except (UserError, OSError) as e:
-    print("error: " + str(e).replace("\n", " "), file=sys.stderr)
-    return 2
-  print(f"{n} examples written to {args.dst}")
-  return 0
+def main_factory():
+  """`convert --kind=KIND SRC DST` as a job; flags are defined only when it runs."""
+  from absl import flags
+  kind = flags.DEFINE_enum("kind", None, list(KINDS), "Published layout of SRC.", required=True)
 
-
-if __name__ == "__main__":
-  sys.exit(main())
+  def main(argv):
+    if len(argv) != 3:
+      raise ConfigError("usage: python -m rlhf_jax convert_mc --kind=KIND SRC DST")
+    n = convert(kind.value, argv[1], argv[2])
+    print(f"{n} examples written to {argv[2]}")
+  return main

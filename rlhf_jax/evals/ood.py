@@ -130,8 +130,9 @@ def load_prompt_texts(path: str, max_prompts: int = 0) -> list[str]:
   hh-rlhf comparison {"chosen", "rejected"}; which one is read from the first record's keys."""
   import gzip
   import json
-  from rlhf_jax.dialogue import human_turns_prompt
-  from rlhf_jax.hh_rlhf.records import read_comparisons, read_prompts
+
+  from rlhf_jax.data.dialogue import human_turns_prompt
+  from rlhf_jax.data.hh_rlhf.records import read_comparisons, read_prompts
   opener = gzip.open if path.endswith(".gz") else open
   try:
     with opener(path, "rt", encoding="utf-8") as f:

@@ -18,8 +18,8 @@ from typing import NamedTuple, Optional
 import jax
 import numpy as np
 
-from rlhf_jax.best_of_n import sample_scores
-from rlhf_jax.elo import fit_elo
+from rlhf_jax.objectives.elo import fit_elo
+from rlhf_jax.trainers.best_of_n import sample_scores
 
 
 class Contestant(NamedTuple):

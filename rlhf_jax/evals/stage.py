@@ -14,9 +14,9 @@ import os
 
 import jax
 
-from rlhf_jax.best_of_n import analytic_kl
 from rlhf_jax.evals import policy_elo, suite
 from rlhf_jax.evals.loglik import Scorer
+from rlhf_jax.trainers.best_of_n import analytic_kl
 
 
 def policy_evals(policies: dict, tok, cfg, out_dir: str, mesh, progress: bool = False) -> dict:
@@ -33,8 +33,8 @@ def snapshot_elo(initial, ppo_dir: str, judge, selector, prompts: dict, kl_by_st
                  bon_ns, games: str, seed: int, sampling: dict) -> list[dict]:
   """Elo rows {name, method, step, kl, sqrt_kl, elo, elo_lo, elo_hi} of the initial policy, the
   PPO snapshots saved in ppo_dir and best-of-n."""
-  from rlhf_jax.checkpointing import Checkpointer
-  from rlhf_jax.train_ppo import load_policy
+  from rlhf_jax.training.checkpointing import Checkpointer
+  from rlhf_jax.training.saved_runs import load_policy
   with Checkpointer(os.path.join(ppo_dir, "checkpoints")) as ckpt:
     steps = ckpt.all_steps()
   contestants = [policy_elo.Contestant("initial", initial)]

@@ -1,5 +1,5 @@
 """The named suites of one model, run from a config section (configs/evaluate.py:evals_section),
-and their headline numbers: what `rlhf_jax.evaluate` and the sweep's evals stage share."""
+and their headline numbers: what `rlhf_jax.evals.evaluate` and the sweep's evals stage share."""
 from __future__ import annotations
 
 import gzip
@@ -9,7 +9,8 @@ from typing import Optional
 
 import numpy as np
 
-from rlhf_jax.dialogue import ASSISTANT, HUMAN
+from rlhf_jax.data import locations
+from rlhf_jax.data.dialogue import ASSISTANT, HUMAN
 from rlhf_jax.errors import ConfigError
 
 PER_MODEL = ("bias_cloze", "winogender", "bbq", "ood", "mc")
@@ -24,7 +25,6 @@ HEADLINE = {
 }
 
 _PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-_SHARED_EVALS = os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 3, "shared", "data", "evals")
 
 
 def parse_suites(text: str) -> list[str]:
@@ -36,12 +36,15 @@ def parse_suites(text: str) -> list[str]:
 
 
 def full_data_dir(name: str) -> str:
-  """The whole data set `name` (bbq, winogender): $RLHF_JAX_EVALS_DIR/name, else ../shared/data/evals
-  beside the checkout."""
-  for root in (os.environ.get("RLHF_JAX_EVALS_DIR"), _SHARED_EVALS):
-    if root and os.path.isdir(os.path.join(root, name)):
-      return os.path.normpath(os.path.join(root, name))
-  raise ConfigError(f"full=True: no full copy of {name} found; set $RLHF_JAX_EVALS_DIR or {name}.path")
+  """The whole data set `name` (bbq, winogender): $RLHF_JAX_DATA_DIR/evals/name (see
+  rlhf_jax.data.locations). No fallback to the bundled samples: full=True asks for the whole set."""
+  path = locations.local_copy(locations.EVALS, name)
+  if path is None:
+    root = locations.data_dir()
+    where = f"${locations.ENV} is not set" if root is None else f"${locations.ENV}={root} has no evals/{name}/"
+    raise ConfigError(f"full=True: no full copy of {name} found ({where}); put it in "
+                      f"$RLHF_JAX_DATA_DIR/evals/{name}/ (README, Data) or set {name}.path")
+  return path
 
 
 def benign_prompts(bbq_records: list[dict]) -> list[str]:
@@ -63,7 +66,7 @@ def sample(items: list, n: int, seed: int) -> list:
 
 
 def harmless_prompts_path() -> str:
-  from rlhf_jax.hh_rlhf.catalog import local_source_dir, split_files
+  from rlhf_jax.data.hh_rlhf.catalog import local_source_dir, split_files
   root = local_source_dir("harmless-base", "test")
   if root is None:
     raise ConfigError("ood.out_path is empty and no local hh-rlhf harmless-base test split exists")

@@ -25,9 +25,9 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from rlhf_jax.calibration import Z95
 from rlhf_jax.errors import DataError
 from rlhf_jax.evals.loglik import encode_requests
+from rlhf_jax.objectives.calibration import Z95
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "winogender")
 TEMPLATES, SENTENCES, STATS = "templates.tsv", "all_sentences.tsv", "occupations-stats.tsv"

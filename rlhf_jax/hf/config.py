@@ -14,9 +14,9 @@ import json
 import os
 from typing import Any, Optional
 
+from rlhf_jax.data.tokenizer import EOC_PIECE
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.model_config import ModelConfig
-from rlhf_jax.tokenizer import EOC_PIECE
+from rlhf_jax.model.config import ModelConfig
 
 PREFIX = "hf:"  # a run reference naming a HuggingFace directory: init_from=hf:DIR
 CONFIG_FILE = "config.json"
@@ -138,7 +138,7 @@ def model_of_reference(ref: str, field: str) -> dict:
 
 
 def special_ids(hf_dir: str, sp) -> dict[str, Any]:
-  """tokenizer_specials.json's ids (see rlhf_jax.tokenizer): BOS, EOS and pad of config.json,
+  """tokenizer_specials.json's ids (see rlhf_jax.data.tokenizer): BOS, EOS and pad of config.json,
   else of the tokenizer; pad, when neither names one, is the unknown piece; EOC is EOS (or our
   end-of-context piece, in a tokenizer trained by rlhf_jax)."""
   path = os.path.join(hf_dir, CONFIG_FILE)

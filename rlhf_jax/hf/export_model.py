@@ -1,6 +1,6 @@
 """Exports a run's model as a HuggingFace directory that standard tools load and serve.
 
-  python -m rlhf_jax.hf.export_model --run=RUN --out=DIR [--step=N] [--dtype=bfloat16]
+  python -m rlhf_jax hf_export --run=RUN --out=DIR [--step=N] [--dtype=bfloat16]
 
 RUN is any run with a policy: an LM / SFT run, or a PPO run (its policy). DIR gets
 model.safetensors, config.json and tokenizer.model. A model imported from HuggingFace (through
@@ -18,19 +18,17 @@ import shutil
 from typing import Optional
 
 import jax
-import numpy as np
 from absl import flags, logging
 
-from rlhf_jax import cli
-from rlhf_jax import sharding as shd
+from rlhf_jax.data.tokenizer import MODEL_FILE, Tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
 from rlhf_jax.hf import runs, tensor_files, weights
-from rlhf_jax.tokenizer import MODEL_FILE, Tokenizer
+from rlhf_jax.training import sharding as shd
 
 WEIGHTS_FILE = "model.safetensors"
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-# For a tokenizer trained here: no BOS, no dummy-prefix space, our special pieces (rlhf_jax.tokenizer).
+# For a tokenizer trained here: no BOS, no dummy-prefix space, our special pieces (rlhf_jax.data.tokenizer).
 OWN_TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
                         "add_prefix_space": False, "legacy": False, "bos_token": None, "eos_token": "</s>",
                         "unk_token": "<unk>", "pad_token": "<pad>"}
@@ -54,7 +52,7 @@ def _source_files(run_dir: str, dtype: str, tok: Tokenizer, cfg) -> tuple[dict, 
 
 def export_run(run_dir: str, out_dir: str, step: Optional[int] = None, dtype: str = "") -> str:
   """Writes the policy of run_dir (at step, default the last) as a HuggingFace model into out_dir."""
-  from rlhf_jax.train_ppo import load_policy  # the policy of any kind of run
+  from rlhf_jax.training.saved_runs import load_policy
   if dtype and dtype not in DTYPE_NAMES:
     raise ConfigError(f"--dtype={dtype}: expected one of {sorted(DTYPE_NAMES)} (or nothing: as imported)")
   if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -103,6 +101,3 @@ def main_factory():
 
   return main
 
-
-if __name__ == "__main__":
-  cli.run(main_factory())

@@ -1,6 +1,6 @@
 """Imports a HuggingFace model directory as an rlhf_jax run directory.
 
-  python -m rlhf_jax.hf.import_model --hf_dir=DIR --out=RUN [--scan_layers] [--remat=dots]
+  python -m rlhf_jax hf_import --hf_dir=DIR --out=RUN [--scan_layers] [--remat=dots]
       [--dtype=bfloat16] [--mesh=1,-1,1]
 
 RUN can then be named wherever a run starts from another (init_from, policy_from). Trainers do
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from rlhf_jax import cli
 from rlhf_jax.hf import runs
 
 
@@ -36,6 +35,3 @@ def main_factory():
 
   return main
 
-
-if __name__ == "__main__":
-  cli.run(main_factory())

@@ -25,13 +25,13 @@ import jax
 import ml_collections
 import sentencepiece as spm
 
-from rlhf_jax import sharding as shd
-from rlhf_jax.checkpointing import Checkpointer
+from rlhf_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
 from rlhf_jax.hf import tensor_files, weights
-from rlhf_jax.model_config import ModelConfig
-from rlhf_jax.tokenizer import MODEL_FILE, SPECIALS_FILE
+from rlhf_jax.model.config import ModelConfig
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.checkpointing import Checkpointer
 
 PREFIX = hf_config.PREFIX
 CACHE_ENV = "RLHF_JAX_HF_IMPORT_DIR"

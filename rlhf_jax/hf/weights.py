@@ -21,11 +21,11 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from rlhf_jax import sharding as shd
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import tensor_files
-from rlhf_jax.model import init_params
-from rlhf_jax.model_config import ModelConfig
+from rlhf_jax.model.config import ModelConfig
+from rlhf_jax.model.transformer import init_params
+from rlhf_jax.training import sharding as shd
 
 # Buffers some older checkpoints carry; derived from config.json (rope_theta), not weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)

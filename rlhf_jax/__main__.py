@@ -1,0 +1,3 @@
+from rlhf_jax import jobs
+
+jobs.main()

@@ -1,0 +1,92 @@
+"""Which optimiser buys the most gold reward per nat of KL: every method of a sweep on one frontier.
+
+For each size, gold reward against sqrt(KL) for PPO, RLOO, GRPO, DPO (one trajectory per beta)
+and best-of-N on one panel, and a table of the gold reward at a few KL budgets k: at the size's
+"common KL" (the largest KL every method of that size reached, where all can be compared) and at
+fixed budgets. The value at k is read off the measured points (averaged over seeds), sorted by
+KL and interpolated linearly; a method that never reached KL = k has no value there (no
+extrapolation), and the Gao fit of each method (rlhf_jax.analysis.report) is given beside it.
+Written by rlhf_jax.analysis.report.analyse into <run_dir>/analysis/: methods.md, methods_frontier.png.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from rlhf_jax.analysis import figures as scaling_figures
+from rlhf_jax.analysis import results as sweep_results
+from rlhf_jax.analysis import tables as scaling_tables
+
+KL_BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0)  # nats; a column is kept if some method reached it
+_STYLE = {"ppo": ("tab:blue", "o", "-"), "rloo": ("tab:green", "^", "-"), "grpo": ("tab:red", "v", "-"),
+          "dpo": ("tab:purple", "D", "-"), "bon": ("tab:grey", "s", "--")}
+
+
+def gold_at_kl(rows: Sequence[dict], ks: Sequence[float] = KL_BUDGETS) -> dict[tuple[str, str], dict[float, float]]:
+  """(size, method) -> {k: gold reward at KL = k}, nan where the method's points end below k."""
+  out = {}
+  for key, c in sweep_results.mean_curves(rows).items():
+    kl = c["sqrt_kl"] ** 2
+    order = np.argsort(kl, kind="stable")
+    kl, gold = kl[order], c["gold_reward"][order]
+    out[key] = {float(k): float(np.interp(k, kl, gold)) if kl[0] <= k <= kl[-1] else math.nan for k in ks}
+  return out
+
+
+def format_table(rows: Sequence[dict], fits: Sequence[dict], ks: Sequence[float] = KL_BUDGETS) -> str:
+  fit_of = {(f["size"], f["method"]): f for f in fits}
+  max_kl = {key: float(np.max(c["sqrt_kl"]) ** 2) for key, c in sweep_results.mean_curves(rows).items()}
+  common = {size: min(v for (s, _), v in max_kl.items() if s == size) for size, _ in max_kl}
+  at = gold_at_kl(rows, (*ks, *common.values()))  # one pass: the budgets and every size's common KL
+  reached = [k for k in ks if any(not math.isnan(v[k]) for v in at.values())]
+  head = ["size", "method", "common KL", "gold @ common KL", *(f"gold @ KL={k:g}" for k in reached), "max KL",
+          "Gao alpha", "Gao beta"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  dash = lambda v: "-" if math.isnan(v) else scaling_tables._cell(v)
+  for (size, method), values in at.items():
+    f = fit_of.get((size, method), {})
+    k = common[size]
+    cells = [size, method, scaling_tables._cell(k), dash(values[k]),
+             *(dash(values[b]) for b in reached), scaling_tables._cell(max_kl[(size, method)]),
+             scaling_tables._cell(f.get("gao_alpha", math.nan)), scaling_tables._cell(f.get("gao_beta", math.nan))]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append("\nGold reward (normalised gold PM score) at KL(policy || initial) = k nats, interpolated "
+               "between measured points sorted by KL (means over seeds); '-' where the method never "
+               "reached k. Common KL: the largest KL every method of that size reached. DPO pools its runs of every beta. Gao alpha, beta: the method's fit of the gold "
+               "gain, d (alpha - beta log d) (best-of-N: d (alpha - beta d)).")
+  return "\n".join(lines)
+
+
+def frontier_figure(rows: Sequence[dict]):
+  """One panel per size: every method's gold reward against sqrt(KL)."""
+  curves = sweep_results.mean_curves(rows)
+  sizes = list(dict.fromkeys(size for size, _ in curves))
+  fig = scaling_figures._figure(len(sizes), width=4.5)
+  axes = np.atleast_1d(fig.subplots(1, len(sizes), sharey=True))
+  for ax, size in zip(axes, sizes):
+    for (s, method), c in curves.items():
+      if s != size:
+        continue
+      colour, marker, ls = _STYLE[method]
+      run = np.where(np.isnan(c["beta"]), -1.0, c["beta"])  # one trajectory per DPO beta
+      for j, r in enumerate(dict.fromkeys(run.tolist())):
+        pick = run == r
+        ax.plot(c["sqrt_kl"][pick], c["gold_reward"][pick], color=colour, marker=marker, markersize=3,
+                linestyle=ls, alpha=1.0 if j == 0 else 0.6, label=method if j == 0 else None)
+    ax.set_title(f"size {size}")
+    ax.set_xlabel("sqrt(KL(policy || initial)) [sqrt nats]")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  axes[0].set_ylabel("gold PM reward (normalised)")
+  return fig
+
+
+def write(rows: Sequence[dict], fits: Sequence[dict], out_dir: str) -> dict[str, str]:
+  table = os.path.join(out_dir, "methods.md")
+  with open(table, "w", encoding="utf-8") as f:
+    f.write(format_table(rows, fits) + "\n")
+  return {"methods_table": table,
+          "methods_frontier": scaling_figures._save(frontier_figure(rows), os.path.join(out_dir, "methods_frontier.png"))}

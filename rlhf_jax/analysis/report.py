@@ -1,0 +1,56 @@
+"""Everything the analysis writes for one sweep directory (the `analyse` job; the sweep runs it last).
+
+  python -m rlhf_jax analyse RUN_DIR
+
+Reads <RUN_DIR>/results.jsonl, fits every (size, method) series (rlhf_jax.analysis.fits: Bai et
+al.'s line in d = sqrt(KL), Gao et al.'s forms for the gold gain) and writes <RUN_DIR>/analysis/:
+scaling.md and fits.json, reward_vs_sqrt_kl.png, proxy_vs_gold.png and slope_vs_size.png (those
+three compare PPO with best-of-N, as the papers do), and the comparison of every method at matched
+KL (rlhf_jax.analysis.methods): methods.md, methods_frontier.png.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from rlhf_jax.analysis import methods as method_frontier
+from rlhf_jax.analysis.figures import plot_proxy_vs_gold, plot_reward_vs_sqrt_kl, plot_slope_vs_size
+from rlhf_jax.analysis.fits import fit_all
+from rlhf_jax.analysis.results import RESULTS_FILE, load_results
+from rlhf_jax.analysis.tables import write_table
+from rlhf_jax.training import cli
+
+ANALYSIS_DIR = "analysis"
+
+
+def analyse(run_dir: str) -> dict[str, str]:
+  """Loads <run_dir>/results.jsonl, fits every series, writes the table, fits.json and the three
+  plots into <run_dir>/analysis/; returns their paths by name."""
+  rows = load_results(os.path.join(run_dir, RESULTS_FILE))
+  fits = fit_all(rows)
+  out = os.path.join(run_dir, ANALYSIS_DIR)
+  os.makedirs(out, exist_ok=True)
+  table, fits_json = write_table(fits, os.path.join(out, "scaling.md"))
+  return {
+      "table": table,
+      "fits": fits_json,
+      "reward_vs_sqrt_kl": plot_reward_vs_sqrt_kl(rows, fits, os.path.join(out, "reward_vs_sqrt_kl.png")),
+      "proxy_vs_gold": plot_proxy_vs_gold(rows, os.path.join(out, "proxy_vs_gold.png")),
+      "slope_vs_size": plot_slope_vs_size(fits, os.path.join(out, "slope_vs_size.png")),
+      **method_frontier.write(rows, fits, out),
+  }
+
+
+def main_factory():
+  return main
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 2:
+    cli.fail("usage: python -m rlhf_jax analyse RUN_DIR")
+  paths = analyse(argv[1])
+  with open(paths["table"]) as f:
+    print(f.read())
+  for name, path in paths.items():
+    print(f"{name}: {path}")
+

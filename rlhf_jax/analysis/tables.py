@@ -1,0 +1,44 @@
+"""The fits as a Markdown table (scaling.md) and as fits.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Sequence
+
+_TABLE_COLUMNS = (("size", "size"), ("params", "params"), ("method", "method"),
+                  ("proxy_slope", "proxy slope"), ("proxy_intercept", "proxy intercept"),
+                  ("proxy_r2", "proxy R^2"), ("gold_slope", "gold slope"),
+                  ("gold_intercept", "gold intercept"), ("gold_r2", "gold R^2"),
+                  ("gao_alpha", "Gao alpha"), ("gao_beta", "Gao beta"), ("gao_r2", "Gao R^2"),
+                  ("n", "n points"), ("note", "note"))
+
+
+def _cell(v) -> str:
+  if isinstance(v, float):
+    return "nan" if math.isnan(v) else f"{v:.4g}"
+  return str(v)
+
+
+def format_table(fits: Sequence[dict]) -> str:
+  """Markdown table of fit_all's output."""
+  lines = ["| " + " | ".join(title for _, title in _TABLE_COLUMNS) + " |",
+           "|" + "---|" * len(_TABLE_COLUMNS)]
+  lines += ["| " + " | ".join(_cell(fit[key]) for key, _ in _TABLE_COLUMNS) + " |" for fit in fits]
+  lines.append("\nLinear fits (Bai et al. 2022): reward = slope * sqrt(KL) + intercept. Gao et al. 2022 "
+               "fits of the gold gain over d = 0: bon d (alpha - beta d), RL methods d (alpha - beta log d), "
+               "through the origin; their R^2 is about the mean gain and can be negative.")
+  return "\n".join(lines)
+
+
+def write_table(fits: Sequence[dict], path: str) -> tuple[str, str]:
+  """Writes the Markdown table to path and the fits to fits.json beside it; returns both paths."""
+  with open(path, "w") as f:
+    f.write(format_table(fits) + "\n")
+  json_path = os.path.join(os.path.dirname(path), "fits.json")
+  # JSON has no NaN: an undefined R^2 is written as null.
+  clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in fit.items()} for fit in fits]
+  with open(json_path, "w") as f:
+    json.dump(clean, f, indent=1, allow_nan=False)
+  return path, json_path

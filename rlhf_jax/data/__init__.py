@@ -1,0 +1,12 @@
+"""Text in, arrays out. May import: errors.
+
+  hh_rlhf/        hh-rlhf: upstream catalog and checksums, validated readers, TFDS builder, sample
+  locations.py    where local copies of the data sets live (one setting: $RLHF_JAX_DATA_DIR)
+  dialogue.py     dialogue turns and the (prompt, chosen, rejected) split
+  tokenizer.py    SentencePiece, trained on the corpus or a pretrained model's; special tokens
+  batching.py     encoding with loss masks, truncation, packing, seeded resumable order
+  lm_data.py      dialogue records and their LM batches (pretraining, SFT)
+  pm_data.py      comparison batches ([batch, K, seq], best first), DPO's response-only pairs
+  prompts.py      prompts for the policy-gradient trainers, left-padded
+  inputs.py       the one call a trainer makes: records with their report, tokenizer, batchers
+"""

@@ -1,0 +1,99 @@
+"""The LM trainer's data: hh-rlhf dialogues, a tokenizer trained on them, train/eval batchers.
+
+Offline, only harmless-base test exists, so a seeded fraction of whichever split is used is held
+out for evaluation (`data.eval_fraction`); with the real train split, set data.eval_split="test".
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rlhf_jax.data.batching import Batcher, Encoded, encode_dialogue, pack
+from rlhf_jax.data.hh_rlhf.load import load_split
+from rlhf_jax.data.hh_rlhf.records import read_comparisons
+from rlhf_jax.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+from rlhf_jax.errors import ConfigError
+
+
+def _keep_ties(config) -> bool:
+  return config.data.get("keep_ties", False)  # absent from the configs of runs made before it existed
+
+
+def _records(config, split: str, workdir: str) -> tuple[list[dict], int]:
+  d = config.data
+  loaded = load_split(d.subset, split, data_dir=d.get("tfds_dir") or os.path.join(workdir, "tfds"),
+                      source_dir=d.source_dir or None, skip_malformed=d.skip_malformed,
+                      keep_ties=_keep_ties(config))
+  if loaded.skipped:
+    print(f"hh-rlhf {d.subset}/{split}: skipped {sum(loaded.skipped.values())} malformed records "
+          f"{loaded.skipped}")
+  if loaded.ties:
+    print(f"hh-rlhf {d.subset}/{split}: {loaded.ties} ties (chosen == rejected) "
+          f"{'kept' if _keep_ties(config) else 'left out'}")
+  return loaded.records, sum(loaded.skipped.values())
+
+
+def _file_records(config) -> tuple[list[dict], int]:
+  loaded, report = read_comparisons(config.data.path, skip_malformed=config.data.skip_malformed,
+                                    keep_ties=_keep_ties(config))
+  if report.num_skipped or report.ties:
+    print(report.summary())
+  return loaded, report.num_skipped
+
+
+def train_eval_records(config, workdir: str) -> tuple[list[dict], list[dict], int]:
+  """(train records, eval records, number of malformed records skipped).
+
+  data.path, if set, names any comparison file in the hh-rlhf format (e.g. preference-model
+  pretraining data) and replaces data.subset / data.split.
+  """
+  d = config.data
+  records, skipped = _file_records(config) if d.get("path") else _records(config, d.split, workdir)
+  if d.max_examples:
+    records = records[:d.max_examples]
+  if d.eval_split:
+    eval_records, eval_skipped = _records(config, d.eval_split, workdir)
+    return records, eval_records, skipped + eval_skipped
+  order = np.random.default_rng(d.seed).permutation(len(records))
+  n_eval = max(1, int(round(len(records) * d.eval_fraction)))
+  held_out = set(order[:n_eval].tolist())
+  return ([r for i, r in enumerate(records) if i not in held_out],
+          [r for i, r in enumerate(records) if i in held_out], skipped)
+
+
+def load_or_train_tokenizer(config, texts: list[str], workdir: str) -> Tokenizer:
+  """config.tokenizer.path if given, else the tokenizer of the run in config.init_from, else the
+  run's own (trained once on the training texts, then reused)."""
+  inherited = os.path.join(config.init_from, MODEL_FILE) if config.get("init_from") else ""
+  if config.tokenizer.path:
+    tok = Tokenizer(config.tokenizer.path)
+  elif inherited and os.path.exists(inherited):  # a model keeps the tokenizer it was trained with
+    tok = Tokenizer(inherited)
+  else:
+    path = os.path.join(workdir, MODEL_FILE)
+    tok = Tokenizer(path) if os.path.exists(path) else train_tokenizer(texts, config.model.vocab_size, workdir)
+  own = os.path.join(workdir, MODEL_FILE)
+  if os.path.abspath(tok.path) != os.path.abspath(own):
+    tok.copy_to(workdir)  # every run directory is self-contained: later stages inherit it
+  if tok.vocab_size != config.model.vocab_size:
+    raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size is "
+                     f"{config.model.vocab_size}")
+  return tok
+
+
+def _encode(tok: Tokenizer, records: list[dict], objective: str, seq_len: int) -> list[Encoded]:
+  assistant_only = objective == "sft"
+  encoded = [encode_dialogue(tok, r["chosen"], assistant_only=assistant_only) for r in records]
+  # Pretraining packs dialogues into full rows; SFT and distillation keep one dialogue per row.
+  return pack(encoded, seq_len) if objective == "pretrain" else encoded
+
+
+def build_lm_batchers(config, workdir: str) -> tuple[Tokenizer, Batcher, Batcher, int]:
+  """(tokenizer, train batcher, eval batcher, malformed records skipped); see rlhf_jax.data.inputs."""
+  train_records, eval_records, skipped = train_eval_records(config, workdir)
+  tok = load_or_train_tokenizer(config, [r["chosen"] for r in train_records], workdir)
+  t = config.train
+  make = lambda recs, seed: Batcher(_encode(tok, recs, config.objective, t.seq_len), batch_size=t.batch_size,
+                                    seq_len=t.seq_len, seed=seed, pad_id=tok.pad_id)
+  return tok, make(train_records, t.seed), make(eval_records, t.seed), skipped

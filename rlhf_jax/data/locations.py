@@ -1,0 +1,46 @@
+"""Where local copies of the full data sets live: one setting, the environment variable
+RLHF_JAX_DATA_DIR, naming a directory laid out as
+
+  hh-rlhf/<subset>/<split>.jsonl.gz     Anthropic's hh-rlhf files, as upstream names them
+  evals/bbq/<Category>.jsonl[.gz]       BBQ
+  evals/winogender/*.tsv                Winogender schemas
+
+Unset or empty means no local copy: the readers fall back to the samples bundled in the package
+(hh-rlhf then downloads what the sample lacks). The package never guesses a place beside its own
+checkout: where the data lie is the user's to say (the Makefile passes a copy it finds there).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from rlhf_jax.errors import ConfigError
+
+ENV = "RLHF_JAX_DATA_DIR"
+HH_RLHF = "hh-rlhf"
+EVALS = "evals"
+
+
+def data_dir() -> Optional[str]:
+  """The directory $RLHF_JAX_DATA_DIR names (absolute), or None where it is unset or empty.
+
+  Read at each call, so a setting changed in the process is seen. A value that is not a directory
+  is a ConfigError: quietly using the samples instead would hide a typo behind smaller results."""
+  value = os.environ.get(ENV, "")
+  if not value:
+    return None
+  if not os.path.isdir(value):
+    what = "does not exist" if not os.path.exists(value) else "is not a directory"
+    raise ConfigError(f"${ENV}={value}: {what}; point it at a directory holding {HH_RLHF}/ and/or "
+                      f"{EVALS}/ (see README, Data), or unset it to use the bundled samples")
+  return os.path.abspath(value)
+
+
+def local_copy(*parts: str) -> Optional[str]:
+  """$RLHF_JAX_DATA_DIR/<parts...> (e.g. local_copy("evals", "bbq")) where the setting is set and
+  that directory exists; else None."""
+  root = data_dir()
+  if root is None:
+    return None
+  path = os.path.join(root, *parts)
+  return path if os.path.isdir(path) else None

@@ -1,0 +1,350 @@
+"""The scaling experiment: reward against sqrt(KL) across model sizes, every stage cached.
+
+  python -m rlhf_jax sweep --config=experiments/tiny_sweep.py [--workdir=runs/sweep_tiny]
+
+For every size in config.sizes the sweep runs the whole pipeline and collects each
+(size, method, step, KL, sqrt KL, proxy reward, gold reward) point into <workdir>/results.jsonl,
+then fits and plots them (rlhf_jax.analysis.report) into <workdir>/analysis/.
+
+Two setups (config.setup):
+- "gold_pm" (Gao, Schulman and Hilton 2022): a larger gold PM trained on the human comparisons
+  labels pairs of samples from each size's initial policy; that size's proxy PM is trained on the
+  gold labels; the policy is optimised against the proxy while the gold PM scores it too.
+- "halves" (Bai et al. 2022, section 4.3): proxy ("train") PMs on one half of the human
+  comparisons, the gold-size "test" PM on the other half.
+
+RL methods (config.methods): "ppo" (Bai et al.: value model, GAE), "rloo" and "grpo" (critic-free,
+config.rloo / config.grpo override config.rl for them), all through rlhf_jax.trainers.train_ppo with the
+same KL-penalised reward; "dpo" (rlhf_jax.trainers.train_dpo, one stage per beta in config.dpo.betas) on
+the comparisons the proxy PM is trained on. Every method is evaluated by the same function on the
+same held-out prompts (KL against the initial policy, proxy and gold PM), beside best-of-N.
+
+Each size's initial policy is its pretrained LM, or, with config.sft.objective = "sft" or
+"distill", that LM fine-tuned on the Assistant turns or context-distilled (Bai et al. start RLHF
+from context-distilled models); PMs start from the pretrained LM.
+
+Stages (rlhf_jax.experiments.stages), each in its own subdirectory: tokenizer, lm_<size>, [sft_<size>],
+pm_gold, [labels_<size>], pm_<size>, ppo_<size>, [rloo_<size>, grpo_<size>, dpo_<size>_beta<b>],
+bon_<size>, [evals_<size>: rlhf_jax.evals.stage].
+A finished stage is skipped on a rerun and an interrupted one resumes from its last checkpoint, so
+a killed sweep is resumed by running the same command again; a stage that runs again (deleted by
+hand) reruns the stages downstream of it too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax.data.lm_data import train_eval_records
+from rlhf_jax.data.tokenizer import Tokenizer, train_tokenizer
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.experiments.stage_configs import (
+  GOLD,
+  dpo_config,
+  dpo_stage_name,
+  lm_config,
+  methods,
+  model_config,
+  pm_config,
+  policy_dir,
+  ppo_config,
+  sft_config,
+)
+from rlhf_jax.experiments.stages import (
+  Stage,
+  StageInterrupted,
+  barrier,
+  config_inputs,
+  experiment_main,
+  override,
+  run_stages,
+  trainer_stage,
+  write_jsonl,
+)
+from rlhf_jax.model.config import param_counts
+from rlhf_jax.model.sampling import generate
+from rlhf_jax.trainers.best_of_n import best_of_n
+from rlhf_jax.trainers.ppo_steps import pm_score
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.metrics import read_metrics
+
+RESULTS_FILE = "results.jsonl"
+SweepInterrupted = StageInterrupted  # the name older callers know
+
+
+# --- configs of the stages ---------------------------------------------------------------------
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+
+def _tokenizer_stage(config, workdir: str) -> Stage:
+  cfg = lm_config(config, workdir, config.sizes[0])
+
+  def run(d):
+    records, _, _ = train_eval_records(cfg, d)
+    tok = train_tokenizer([r["chosen"] for r in records], cfg.model.vocab_size, d)
+    return {"vocab_size": tok.vocab_size, "num_texts": len(records)}
+  return Stage("tokenizer", {"data": cfg.data.to_dict(), "vocab_size": cfg.model.vocab_size}, run)
+
+
+def _frozen(run_dir: str, mesh, normalised: bool = False):
+  from rlhf_jax.training.saved_runs import FrozenModel
+  return FrozenModel(run_dir, mesh, with_normalisation=normalised)
+
+
+def gold_labels(policy, gold, tok: Tokenizer, prompts: list[str], *, num_pairs: int, prompt_len: int,
+                max_new_tokens: int, temperature: float, batch_size: int, seed: int) -> tuple[list[dict], dict]:
+  """Pairs of samples from `policy` for prompts (cycled), labelled by the gold PM: the response
+  it scores higher is "chosen". Records are in the hh-rlhf format; pairs whose two responses are
+  the same text cannot be labelled and are counted, not written."""
+  from rlhf_jax.data.batching import Encoded
+  from rlhf_jax.data.prompts import PromptBatcher
+  rng = jax.random.PRNGKey(seed)
+  records, ties, margins, start = [], 0, [], 0
+  while len(records) + ties < num_pairs:
+    chunk = [prompts[(start + i) % len(prompts)] for i in range(min(batch_size, num_pairs - len(records) - ties))]
+    start += len(chunk)
+    batch = PromptBatcher([Encoded(tok.encode(p), []) for p in chunk], batch_size=len(chunk),
+                          seq_len=prompt_len, seed=0, pad_id=tok.pad_id).in_order()[0]
+    rng, key = jax.random.split(rng)
+    gen = generate(policy.params, np.repeat(batch["tokens"], 2, axis=0),
+                   np.repeat(batch["attention_mask"], 2, axis=0), key, model=policy.model,
+                   max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
+                   pad_id=tok.pad_id)
+    scores = shd.to_host(pm_score(gold.model, gold.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens,
+                                  gen.mask, tok.eoc_id)).astype(np.float64).reshape(-1, 2)
+    tokens, mask = shd.to_host(gen.tokens), shd.to_host(gen.mask)  # every host writes the same labels
+    special = (tok.eos_id, tok.pad_id, tok.eoc_id)
+    texts = [tok.decode([t for t, m in zip(row, ok) if m and t not in special]) for row, ok in zip(tokens, mask)]
+    for i, prompt in enumerate(chunk):
+      a, b = texts[2 * i], texts[2 * i + 1]
+      if a == b:
+        ties += 1
+        continue
+      first = scores[i, 0] >= scores[i, 1]
+      records.append({"chosen": prompt + (a if first else b), "rejected": prompt + (b if first else a),
+                      "gold_margin": float(abs(scores[i, 0] - scores[i, 1]))})
+      margins.append(abs(scores[i, 0] - scores[i, 1]))
+  return records, {"num_pairs": len(records), "ties_not_written": ties,
+                   "mean_gold_margin": float(np.mean(margins)) if margins else float("nan")}
+
+
+def _labels_stage(config, workdir: str, name: str) -> Stage:
+  rl = ppo_config(config, workdir, name)
+  lab = config.labels
+  policy_name = lab.policy or name
+  settings = {"labels": lab.to_dict(), "policy": policy_name, "data": rl.data.to_dict(),
+              "prompt_len": rl.sampling.prompt_len}
+
+  def run(d):
+    from rlhf_jax.data.prompts import prompt_texts
+    from rlhf_jax.data.tokenizer import same_tokenizer
+    mesh = shd.make_mesh(rl.mesh.shape)
+    policy, gold_dir = policy_dir(config, workdir, policy_name), os.path.join(workdir, f"pm_{GOLD}")
+    tok = same_tokenizer(policy, gold_dir)
+    train_prompts, _ = prompt_texts(rl, d)  # labels only on training prompts; PPO evaluates on the rest
+    records, report = gold_labels(
+        _frozen(policy, mesh), _frozen(gold_dir, mesh), tok, train_prompts, num_pairs=lab.num_pairs,
+        prompt_len=rl.sampling.prompt_len, max_new_tokens=lab.max_new_tokens or rl.sampling.max_new_tokens,
+        temperature=lab.temperature, batch_size=lab.batch_size, seed=lab.seed)
+    if jax.process_index() == 0:
+      write_jsonl(os.path.join(d, "labels.jsonl"), records)
+    barrier(f"labels_{name}")
+    return report
+  policy_stage = os.path.basename(policy_dir(config, workdir, policy_name))
+  return Stage(f"labels_{name}", settings, run, (policy_stage, f"pm_{GOLD}"))
+
+
+def _bon_stage(config, workdir: str, name: str) -> Stage:
+  rl = ppo_config(config, workdir, name)
+  bon = config.bon
+  settings = {"bon": bon.to_dict(), "ppo": rl.ppo.to_dict(), "sampling": rl.sampling.to_dict(),
+              "data": rl.data.to_dict()}
+
+  def run(d):
+    from rlhf_jax.data.prompts import held_out_prompts
+    from rlhf_jax.data.tokenizer import same_tokenizer
+    mesh = shd.make_mesh(rl.mesh.shape)
+    tok = same_tokenizer(rl.policy_from, rl.pm_dir, *rl.eval.pm_dirs)
+    cfg = rl.copy_and_resolve_references()
+    cfg.eval.num_prompts = bon.num_prompts or rl.eval.num_prompts
+    eval_prompts = held_out_prompts(cfg, tok, d)  # the prompts PPO is evaluated on
+    extra = {f"pm_{GOLD}": _frozen(rl.eval.pm_dirs[0], mesh, True)}
+    rows = best_of_n(_frozen(rl.policy_from, mesh), _frozen(rl.pm_dir, mesh, True), extra,
+                     eval_prompts.in_order()[0], list(bon.ns), jax.random.PRNGKey(bon.seed),
+                     max_new_tokens=rl.sampling.max_new_tokens, temperature=rl.sampling.temperature, eos_id=tok.eos_id,
+                     pad_id=tok.pad_id, eoc_id=tok.eoc_id)
+    if jax.process_index() == 0:
+      write_jsonl(os.path.join(d, "best_of_n.jsonl"), rows)
+    return {"max_n": max(bon.ns)}
+  return Stage(f"bon_{name}", settings, run, config_inputs(rl, workdir))  # the initial policy, not PPO's
+
+
+def evals_config(config) -> ml_collections.ConfigDict:
+  """configs/evaluate.py's suite settings, overridden by the sweep's `evals` section."""
+  from configs.evaluate import evals_section
+  c = evals_section()
+  c.elo = ml_collections.ConfigDict({"bon_ns": (4, 16), "games": "soft"})  # judged by the gold PM
+  override(c, config.get("evals", {}), "evals")
+  return c
+
+
+def _with_evals(config) -> bool:
+  return config.get("evals") is not None and bool(evals_config(config).suites)
+
+
+def _evals_stage(config, workdir: str, name: str) -> Stage:
+  rl = ppo_config(config, workdir, name)
+  ev = evals_config(config)
+  settings = {"evals": ev.to_dict(), "ppo": rl.ppo.to_dict(), "sampling": rl.sampling.to_dict(),
+              "data": rl.data.to_dict(), "eval": rl.eval.to_dict()}
+
+  def run(d):
+    from rlhf_jax.data.prompts import held_out_prompts
+    from rlhf_jax.data.tokenizer import same_tokenizer
+    from rlhf_jax.evals import stage, suite
+    from rlhf_jax.training.saved_runs import load_policy
+    mesh = shd.make_mesh(rl.mesh.shape)
+    tok = same_tokenizer(rl.policy_from, rl.pm_dir, *rl.eval.pm_dirs)
+    ppo_dir = os.path.join(workdir, f"ppo_{name}")
+    initial = load_policy(rl.policy_from, mesh)
+    out = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"]}
+    out |= stage.policy_evals({"initial": initial, "rlhf": load_policy(ppo_dir, mesh)}, tok, ev, d, mesh,
+                              progress=config.progress_bar)
+    if "elo" in suite.parse_suites(ev.suites):
+      eval_prompts = held_out_prompts(rl, tok, d)  # the held-out prompts PPO is evaluated on
+      kl = {m["step"]: float(m["eval_kl"]) for m in read_metrics(ppo_dir) if "eval_kl" in m}
+      out["elo"] = stage.snapshot_elo(
+          initial, ppo_dir, _frozen(rl.eval.pm_dirs[0], mesh), _frozen(rl.pm_dir, mesh), eval_prompts.in_order()[0],
+          kl, mesh, bon_ns=tuple(ev.elo.bon_ns), games=ev.elo.games, seed=ev.seed,
+          sampling={"max_new_tokens": rl.sampling.max_new_tokens, "temperature": rl.sampling.temperature,
+                    "eos_id": tok.eos_id, "pad_id": tok.pad_id, "eoc_id": tok.eoc_id})
+    if jax.process_index() == 0:
+      suite.write_json(os.path.join(d, "evals.json"), out)
+      with open(os.path.join(d, "evals.md"), "w", encoding="utf-8") as f:
+        f.write(suite.markdown({"initial": out["initial"], "rlhf": out["rlhf"]}))
+    return {tag: {k: v for k, (v, _) in suite.headline(out[tag]).items()} for tag in ("initial", "rlhf")}
+  return Stage(f"evals_{name}", settings, run, (*config_inputs(rl, workdir), f"ppo_{name}"))
+
+
+def base_stages(config, workdir: str) -> list[Stage]:
+  """What every experiment on these sizes starts from: the tokenizer, each size's LM and gold LM,
+  the initial policies (SFT / distilled) and the gold PM."""
+  from rlhf_jax.trainers import train_lm, train_pm
+  if config.setup not in ("gold_pm", "halves"):
+    raise ConfigError(f"setup={config.setup!r}: expected 'gold_pm' or 'halves'")
+  if not config.sizes:
+    raise ConfigError("config.sizes is empty")
+  if GOLD in config.sizes:
+    raise ConfigError(f"{GOLD!r} names the gold PM's size; rename that entry of config.sizes")
+  vocab = {name: model_config(config, name).vocab_size for name in (*config.sizes, GOLD)}  # fail now,
+  if len(set(vocab.values())) > 1:  # not after hours of earlier stages
+    raise ConfigError(f"every size shares one tokenizer, but vocab_size differs: {vocab}")
+  stages = [_tokenizer_stage(config, workdir)]
+  stages += [trained(f"lm_{n}", train_lm.train, lm_config(config, workdir, n), workdir) for n in (*config.sizes, GOLD)]
+  if config.sft.objective:
+    stages += [trained(f"sft_{n}", train_lm.train, sft_config(config, workdir, n), workdir) for n in config.sizes]
+  stages.append(trained(f"pm_{GOLD}", train_pm.train, pm_config(config, workdir, GOLD), workdir))
+  return stages
+
+
+def trained(name: str, train: Callable, cfg, workdir: str) -> Stage:
+  """A trainer stage whose inputs are the stages its config's paths point into (config_inputs)."""
+  return trainer_stage(name, train, cfg, config_inputs(cfg, workdir))
+
+
+def plan(config, workdir: str) -> list[Stage]:
+  """The stages of the sweep, in the order they run."""
+  from rlhf_jax.trainers import train_dpo, train_pm, train_ppo
+  stages = base_stages(config, workdir)
+  for n in config.sizes:
+    if config.setup == "gold_pm":
+      stages.append(_labels_stage(config, workdir, n))
+    stages.append(trained(f"pm_{n}", train_pm.train, pm_config(config, workdir, n), workdir))
+    for method in methods(config):
+      if method == "dpo":
+        stages += [trained(dpo_stage_name(n, b), train_dpo.train, dpo_config(config, workdir, n, b), workdir)
+                   for b in config.dpo.betas]
+      else:
+        stages.append(trained(f"{method}_{n}", train_ppo.train, ppo_config(config, workdir, n, method), workdir))
+    stages.append(_bon_stage(config, workdir, n))
+    if _with_evals(config):
+      stages.append(_evals_stage(config, workdir, n))
+  return stages
+
+
+# --- running and collecting --------------------------------------------------------------------
+
+
+def run_sweep(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
+  """Runs (or resumes) every stage, then collects and analyses the results. stop_after names a
+  stage to stop after (for partial runs)."""
+  t_start = time.perf_counter()
+  timings = run_stages(plan(config, workdir), workdir, stop_after=stop_after)
+  if stop_after:
+    return {"stopped_after": stop_after, "timings": timings}
+  rows = collect_results(config, workdir)
+  out = {"results": os.path.join(workdir, RESULTS_FILE), "timings": timings,
+         "seconds_this_run": time.perf_counter() - t_start}
+  if jax.process_index() == 0:
+    write_jsonl(out["results"], rows)
+    from rlhf_jax.analysis import report  # matplotlib: imported only when there is something to plot
+    out["analysis"] = report.analyse(workdir)
+    if _with_evals(config):
+      from rlhf_jax.analysis import evals as evals_analysis
+      out["analysis"] |= evals_analysis.analyse(workdir, list(config.sizes))
+  return out
+
+
+def _evaluated_points(run_dir: str, base: dict, gold_key: str) -> list[dict]:
+  """The evaluations a train_ppo / train_dpo run logged (step 0 = the initial policy), as rows."""
+  by_step = {}  # a resumed run may log a step twice: its last record wins
+  for m in read_metrics(run_dir):
+    if "eval_kl" in m:
+      by_step[m["step"]] = m
+  rows = []
+  for step, m in sorted(by_step.items()):
+    kl = float(m["eval_kl"])
+    rows.append({**base, "step": int(step), "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
+                 "proxy_reward": float(m["eval_pm_reward"]), "gold_reward": float(m[f"eval_{gold_key}"])})
+  return rows
+
+
+def collect_results(config, workdir: str) -> list[dict]:
+  """One row per evaluated point: each RL method's evaluations (step = iteration or DPO update, 0 =
+  initial policy; DPO rows carry their beta) and best-of-N (step = N), with the proxy PM's and
+  the gold PM's normalised rewards."""
+  gold_key = f"pm_{GOLD}_reward"
+  rows = []
+  for name in config.sizes:
+    base = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"]}
+    for method in methods(config):
+      if method == "dpo":
+        for b in config.dpo.betas:
+          rows += _evaluated_points(os.path.join(workdir, dpo_stage_name(name, b)),
+                                    {**base, "method": "dpo", "beta": float(b)}, gold_key)
+      else:
+        rows += _evaluated_points(os.path.join(workdir, f"{method}_{name}"), {**base, "method": method}, gold_key)
+    with open(os.path.join(workdir, f"bon_{name}", "best_of_n.jsonl"), encoding="utf-8") as f:
+      for line in f:
+        b = json.loads(line)
+        rows.append({**base, "method": "bon", "step": int(b["n"]), "kl": float(b["kl"]),
+                     "sqrt_kl": float(b["sqrt_kl"]), "proxy_reward": float(b["proxy_reward"]),
+                     "gold_reward": float(b[gold_key])})
+  return rows
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def main_factory() -> Callable:
+  return experiment_main(run_sweep, "experiments/tiny_sweep.py")
+

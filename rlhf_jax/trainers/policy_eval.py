@@ -1,0 +1,66 @@
+"""What every policy trainer shares to sample and to be measured: the sampler built from a run's
+`sampling` settings, the PMs that score it, and the one evaluation every method of the sweep
+(PPO, RLOO, GRPO, DPO) is measured by.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.model.sampling import generate
+from rlhf_jax.model.transformer import Transformer
+from rlhf_jax.objectives import ppo
+from rlhf_jax.trainers.ppo_steps import pm_score
+from rlhf_jax.training.saved_runs import FrozenModel
+
+
+def make_sampler(sampling, model: Transformer, tok: Tokenizer) -> Callable:
+  """sample(params, prompt_tokens, prompt_mask, rng) -> Generation, by config.sampling."""
+  return functools.partial(generate, model=model, max_new_tokens=sampling.max_new_tokens,
+                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                           eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+
+def policy_evaluator(policy0: FrozenModel, eval_pms: dict[str, FrozenModel], prompts: dict, sample: Callable,
+                     tok: Tokenizer, seed: int) -> Callable[[Any], dict]:
+  """evaluate(policy_params) -> {eval_kl, eval_sqrt_kl, eval_<pm>_reward[_raw], ...}: one sample
+  per held-out prompt with fixed seeds, KL against policy0 by the k1 estimator summed over the
+  sampled tokens (rlhf_jax.objectives.ppo.sequence_kl), and every PM's normalised score. Every method of the
+  sweep (PPO, RLOO, GRPO, DPO) is measured by this one function."""
+
+  def evaluate(params):
+    gen = sample(params, prompts["tokens"], prompts["attention_mask"], jax.random.PRNGKey(seed))
+    tokens = jnp.concatenate([gen.prompt_tokens, gen.tokens], axis=1)
+    mask = jnp.concatenate([gen.prompt_mask, gen.mask], axis=1)
+    p = gen.prompt_tokens.shape[1]
+
+    def logp(model_params):
+      logits = policy0.model.apply({"params": model_params}, tokens, attention_mask=mask).logits
+      lp = jax.nn.log_softmax(logits[:, p - 1:-1], axis=-1)
+      return jnp.take_along_axis(lp, gen.tokens[..., None], axis=-1)[..., 0]
+
+    kl = float(ppo.sequence_kl(logp(params), logp(policy0.params), gen.mask).mean())
+    out = {"eval_kl": kl, "eval_sqrt_kl": float(np.sqrt(max(kl, 0.0))),
+           "eval_response_length": float(gen.mask.sum(axis=1).mean())}
+    for name, frozen in eval_pms.items():
+      raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask,
+                     tok.eoc_id)
+      n = frozen.normalisation
+      out[f"eval_{name}_reward"] = float(((raw - n["mean"]) / n["std"]).mean())
+      out[f"eval_{name}_reward_raw"] = float(raw.mean())
+    return out
+
+  return evaluate
+
+
+def eval_pms(config, mesh) -> dict[str, FrozenModel]:
+  """The training / proxy PM as "pm", and every PM of eval.pm_dirs by its directory's name."""
+  pm = FrozenModel(config.pm_dir, mesh, with_normalisation=True)
+  return {"pm": pm} | {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True)
+                       for d in config.eval.pm_dirs}

@@ -1,0 +1,168 @@
+"""The jitted halves of a PPO iteration: scoring a rollout, and the minibatch updates.
+
+Sequences are [prompt (left-padded, P) | response (N)]. The policy's logits at position P-1+t
+predict response token t, and the value of the state before token t is the value head there.
+The PM scores [prompt | response | EOC] read at the EOC token it was trained with.
+
+Trainable params are {"policy": ..., "value": ...}; with a shared trunk "value" is absent and
+the policy's own scalar head is the value head. The critic-free algorithms (hyper.algorithm
+"rloo" / "grpo", rlhf_jax.objectives.critic_free) differ only in their advantages (one per sequence, from the
+group of samples of its prompt) and in having no value loss; sampling, scoring, the KL-penalised
+reward, the clipped surrogate and the minibatch loop are the same code for every algorithm.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.model.transformer import Transformer, read_at
+from rlhf_jax.objectives import critic_free, ppo
+from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.train_state import TrainState, keep_if_finite
+
+
+class Models(NamedTuple):
+  policy: Transformer
+  value: Transformer  # the policy itself when the trunk is shared
+  pm: Transformer
+
+
+class PPOHyper(NamedTuple):
+  gamma: float
+  lam: float
+  clip_eps: float
+  value_clip_eps: float
+  vf_coef: float
+  entropy_coef: float
+  epochs: int
+  num_minibatches: int
+  whiten_advantages: bool  # PPO's GAE advantages only; RLOO's and GRPO's are used as they are
+  algorithm: str = "ppo"  # "ppo" | "rloo" | "grpo"
+  samples_per_prompt: int = 1  # rollout rows i*k .. i*k+k-1 share one prompt (the groups)
+
+
+ALGORITHMS = ("ppo",) + tuple(critic_free.ADVANTAGES)
+
+
+def _response_outputs(model: Transformer, params, tokens, mask, prompt_len: int, lm_head: bool):
+  out = model.apply({"params": params}, tokens, attention_mask=mask, lm_head=lm_head)
+  n = tokens.shape[1] - prompt_len
+  logits = None if out.logits is None else out.logits[:, prompt_len - 1:prompt_len - 1 + n]
+  return logits, out.scalar[:, prompt_len - 1:prompt_len - 1 + n]
+
+
+def _token_logp(logits, tokens):
+  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+
+
+def pm_score(pm_model: Transformer, pm_params, prompt, prompt_mask, response, response_mask, eoc_id: int):
+  """Raw PM scores [batch] of [prompt | response | EOC]."""
+  b, n = response.shape
+  tokens = jnp.concatenate([prompt, response, jnp.zeros((b, 1), response.dtype)], axis=1)
+  mask = jnp.concatenate([prompt_mask, response_mask, jnp.zeros((b, 1), bool)], axis=1)
+  eoc = prompt.shape[1] + response_mask.sum(axis=1)
+  tokens = tokens.at[jnp.arange(b), eoc].set(eoc_id)
+  mask = mask.at[jnp.arange(b), eoc].set(True)
+  out = pm_model.apply({"params": pm_params}, tokens, attention_mask=mask, lm_head=False)
+  return read_at(out.scalar, eoc)
+
+
+def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score_std, *, models: Models,
+                  hyper: PPOHyper, eoc_id: int) -> dict[str, jax.Array]:
+  """Everything the updates need, computed once with the rollout policy: log-probs of policy and
+  reference, values, PM score, KL-penalised rewards, advantages and returns."""
+  p = gen.prompt_tokens.shape[1]
+  tokens = jnp.concatenate([gen.prompt_tokens, gen.tokens], axis=1)
+  mask = jnp.concatenate([gen.prompt_mask, gen.mask], axis=1)
+  logits, values = _response_outputs(models.policy, params["policy"], tokens, mask, p, True)
+  if "value" in params:
+    _, values = _response_outputs(models.value, params["value"], tokens, mask, p, False)
+  ref_logits, _ = _response_outputs(models.policy, ref_params, tokens, mask, p, True)
+  # Zero at padding, like the sampler's log-probs: nothing there can reach a loss.
+  logp = jnp.where(gen.mask, _token_logp(logits, gen.tokens), 0.0)
+  ref_logp = jnp.where(gen.mask, _token_logp(ref_logits, gen.tokens), 0.0)
+  values = jnp.where(gen.mask, values, 0.0)
+  raw = pm_score(models.pm, pm_params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask, eoc_id)
+  score = (raw - score_mean) / score_std
+  rewards = ppo.kl_penalized_rewards(logp, ref_logp, score, gen.mask, kl_coef)
+  advantages, returns = _advantages(rewards, values, gen.mask, hyper)
+  kl = ppo.sequence_kl(logp, ref_logp, gen.mask)
+  metrics = {"pm_reward_raw": raw.mean(), "pm_reward": score.mean(), "kl": kl.mean(),
+             "sqrt_kl": jnp.sqrt(jnp.maximum(kl.mean(), 0.0)), "entropy": ppo.entropy(logits, gen.mask),
+             "response_length": gen.mask.sum(axis=1).mean(), "kl_coef": jnp.asarray(kl_coef, jnp.float32),
+             "total_reward": (rewards * gen.mask).sum(axis=1).mean()}
+  rollout = {"tokens": tokens, "mask": mask, "response": gen.tokens, "response_mask": gen.mask,
+             "old_logp": logp, "old_values": values, "advantages": advantages, "returns": returns}
+  return rollout, metrics
+
+
+def _advantages(rewards, values, mask, hyper: PPOHyper) -> tuple[jax.Array, jax.Array]:
+  """(advantages, returns) [batch, T]: GAE for PPO; for RLOO / GRPO the sequence's group-relative
+  advantage of its KL-penalised return on every one of its tokens (returns unused: no critic)."""
+  if hyper.algorithm == "ppo":
+    advantages, returns = ppo.gae_advantages(rewards, values, mask, hyper.gamma, hyper.lam)
+    return (ppo.whiten(advantages, mask) if hyper.whiten_advantages else advantages), returns
+  batch = rewards.shape[0]
+  group = jnp.arange(batch) // hyper.samples_per_prompt
+  seq_adv = critic_free.ADVANTAGES[hyper.algorithm](rewards.sum(axis=1), group, batch // hyper.samples_per_prompt)
+  return jnp.where(mask, seq_adv[:, None], 0.0), jnp.zeros_like(rewards)
+
+
+def ppo_loss(params, mb: dict[str, jax.Array], *, models: Models, hyper: PPOHyper, prompt_len: int):
+  logits, values = _response_outputs(models.policy, params["policy"], mb["tokens"], mb["mask"],
+                                     prompt_len, True)
+  if "value" in params:
+    _, values = _response_outputs(models.value, params["value"], mb["tokens"], mb["mask"], prompt_len, False)
+  m = mb["response_mask"]
+  logp = _token_logp(logits, mb["response"])
+  pg, pg_metrics = ppo.policy_loss(logp, mb["old_logp"], mb["advantages"], m, hyper.clip_eps)
+  ent = ppo.entropy(logits, m)
+  loss = pg - hyper.entropy_coef * ent
+  if hyper.algorithm != "ppo":  # no critic: the policy's scalar head is left untrained
+    return loss, {**pg_metrics, "update_entropy": ent}
+  vf, vf_metrics = ppo.value_loss(values, mb["old_values"], mb["returns"], m, hyper.value_clip_eps)
+  return loss + hyper.vf_coef * vf, {**pg_metrics, **vf_metrics, "update_entropy": ent}
+
+
+def ppo_update(state: TrainState, rollout: dict[str, jax.Array], rng: jax.Array, *, models: Models,
+               hyper: PPOHyper, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """hyper.epochs passes over the rollout in hyper.num_minibatches shuffled minibatches, as one
+  lax.scan of optimizer steps; metrics are averaged over the minibatch steps. state.step counts
+  PPO iterations and is left to the caller."""
+  batch = rollout["tokens"].shape[0]
+  prompt_len = rollout["tokens"].shape[1] - rollout["response"].shape[1]
+  mb_size = batch // hyper.num_minibatches
+  perms = jnp.stack([jax.random.permutation(k, batch) for k in jax.random.split(rng, hyper.epochs)])
+  order = perms.reshape(hyper.epochs * hyper.num_minibatches, mb_size)
+
+  def one(state, idx):
+    mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rollout)
+    (loss, metrics), grads = jax.value_and_grad(ppo_loss, has_aux=True)(
+        state.params, mb, models=models, hyper=hyper, prompt_len=prompt_len)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.tree.norm(grads)
+    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new, skipped = keep_if_finite(new, state, loss, grad_norm)
+    return new, dict(metrics, grad_norm=grad_norm, nonfinite=skipped)
+
+  state, metrics = jax.lax.scan(one, state, order)
+  skipped = metrics.pop("nonfinite").sum()  # minibatch updates skipped (non-finite): 0 normally
+  return state, dict(jax.tree.map(jnp.mean, metrics), nonfinite=skipped)
+
+
+def jit_ppo_steps(models: Models, hyper: PPOHyper, tx: optax.GradientTransformation, mesh,
+                  state_shardings: Any, ref_shardings: Any, pm_shardings: Any, *, eoc_id: int):
+  """(score, update) jitted once with explicit shardings, so that the state keeps its layout from
+  one iteration to the next (no recompilation, and a resumed run runs the same programs)."""
+  batch, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
+  score = jax.jit(functools.partial(score_rollout, models=models, hyper=hyper, eoc_id=eoc_id),
+                  in_shardings=(state_shardings.params, ref_shardings, pm_shardings, batch, rep, rep, rep),
+                  out_shardings=(batch, rep))
+  update = jax.jit(functools.partial(ppo_update, models=models, hyper=hyper, tx=tx),
+                   in_shardings=(state_shardings, batch, rep), out_shardings=(state_shardings, rep),
+                   donate_argnums=(0,))
+  return shd.under_mesh(score, mesh), shd.under_mesh(update, mesh)
