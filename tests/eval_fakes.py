@@ -8,5 +8,11 @@ class CharTok:
   def encode(self, text):
     return [ord(ch) for ch in text]
 
+  def bos_prefix(self):  # no BOS, as a tokenizer trained here
+    return []
+
+  def encode_sequence(self, text):
+    return self.encode(text)
+
   def decode(self, ids):
     return "".join(chr(i) for i in ids)

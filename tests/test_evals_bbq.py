@@ -235,6 +235,12 @@ class _Tok:
   def encode(self, text):
     return list(text.encode())
 
+  def bos_prefix(self):  # no BOS, as a tokenizer trained here
+    return []
+
+  def encode_sequence(self, text):
+    return self.encode(text)
+
 
 def test_predictions_are_the_argmax_of_planted_sums():
   records = [_record("ambig", "neg", 2), _record("disambig", "neg", 1, category="Religion"),

@@ -122,6 +122,12 @@ class _Tok:
   def encode(self, text):
     return [ord(ch) for ch in text]
 
+  def bos_prefix(self):  # no BOS, as a tokenizer trained here
+    return []
+
+  def encode_sequence(self, text):
+    return self.encode(text)
+
 
 def test_requests_move_trailing_space_to_the_continuation_and_empty_context_is_eos():
   reqs = encode_requests(_Tok(), ["The nurse was a ", ""], ["man", "Hello"])

@@ -113,6 +113,12 @@ class _Tok:
   def encode(self, text):
     return [ord(c) for c in text]
 
+  def bos_prefix(self):  # no BOS, as a tokenizer trained here
+    return []
+
+  def encode_sequence(self, text):
+    return self.encode(text)
+
 
 def test_evaluate_splits_prompts_and_equals_detect_on_the_same_features():
   inside = [f"question number {i}" for i in range(30)]

@@ -1,8 +1,9 @@
 """Transformer tests against an independent float64 numpy reference written from the maths.
 
-The reference below implements RMSNorm, rotary embeddings, grouped-query causal attention,
-SwiGLU, pre-norm residual blocks, the final norm, the (tied or untied) LM head and the scalar
-head directly in numpy; it only reads the parameter arrays of the Flax model.
+The reference below implements RMSNorm, rotary embeddings (with Llama 3.1's and linear frequency
+scaling), grouped-query causal attention (with q/k/v biases and per-head q/k norms), SwiGLU,
+pre-norm residual blocks, the final norm, the (tied or untied) LM head and the scalar head
+directly in numpy; it only reads the parameter arrays of the Flax model.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.model.config import PRESETS
-from rlhf_jax.model.transformer import Transformer, init_cache, init_params, read_at
+from rlhf_jax.model.config import PRESETS, ModelConfig, param_counts
+from rlhf_jax.model.transformer import Transformer, init_cache, init_params, read_at, rotary_frequencies
 
 VOCAB = 97  # small vocab keeps the LM head cheap
 B, T = 2, 8  # the common batch shape: one compilation per config is shared by most tests
@@ -31,6 +32,11 @@ def make_cfg(**kw):
 CFG_GQA_TIED = make_cfg(num_kv_heads=2, tie_embeddings=True, scan_layers=False)
 CFG_MHA_UNTIED = make_cfg(num_kv_heads=4, tie_embeddings=False, scan_layers=False)
 CFG_GQA_SCAN = make_cfg(num_kv_heads=2, tie_embeddings=False, scan_layers=True)
+# Every variant added for imported checkpoints at once (Qwen2's biases, Qwen3's q/k norms, Llama
+# 3.1's rotary scaling); original_max_len 64 puts head_dim 16's wavelengths (6, 20, 63, 199, ...)
+# in all three of its bands.
+CFG_VARIANTS = make_cfg(num_kv_heads=2, tie_embeddings=False, scan_layers=False, qkv_bias=True, qk_norm=True,
+                        rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=64)
 
 
 def param_shapes(cfg):
@@ -83,13 +89,34 @@ def np_rmsnorm(x, scale, eps):
   return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
-def np_rope(x, positions, theta):
-  """x [B, T, H, D]; rotates pairs (i, i + D/2) by angle position * theta^(-i/(D/2))."""
+def np_rope_freqs(cfg):
+  """theta^(-i/(D/2)) for i < D/2, scaled as Llama 3.1's paper and reference code put it: high
+  frequencies kept, low ones divided by the factor, a smooth interpolation between."""
+  half = cfg.head_dim // 2
+  out = []
+  for i in range(half):
+    freq = cfg.rope_theta ** (-i / half)
+    if cfg.rope_scaling == "linear":
+      freq /= cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+      wavelen = 2 * np.pi / freq
+      if wavelen > cfg.rope_original_max_len / cfg.rope_low_freq_factor:
+        freq /= cfg.rope_factor
+      elif wavelen >= cfg.rope_original_max_len / cfg.rope_high_freq_factor:
+        smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        freq = (1 - smooth) * freq / cfg.rope_factor + smooth * freq
+    out.append(freq)
+  return np.array(out)
+
+
+def np_rope(x, positions, freqs):
+  """x [B, T, H, D]; rotates pairs (i, i + D/2) by angle position * freqs[i]."""
   d = x.shape[-1]
   half = d // 2
   out = np.empty_like(x)
   for i in range(half):
-    ang = positions.astype(np.float64) * theta ** (-i / half)  # [B, T]
+    ang = positions.astype(np.float64) * freqs[i]  # [B, T]
     c, s = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
     a, b = x[..., i], x[..., i + half]
     out[..., i] = a * c - b * s
@@ -109,8 +136,13 @@ def np_attention(x, p, positions, key_valid, cfg):
   q = np.einsum("btd,dnh->btnh", x, p["wq"])
   k = np.einsum("btd,dnh->btnh", x, p["wk"])
   v = np.einsum("btd,dnh->btnh", x, p["wv"])
-  q = np_rope(q, positions, cfg.rope_theta)
-  k = np_rope(k, positions, cfg.rope_theta)
+  if cfg.qkv_bias:
+    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+  if cfg.qk_norm:  # over head_dim, each head on its own
+    q = np_rmsnorm(q, p["q_norm"]["scale"], cfg.norm_eps)
+    k = np_rmsnorm(k, p["k_norm"]["scale"], cfg.norm_eps)
+  q = np_rope(q, positions, np_rope_freqs(cfg))
+  k = np_rope(k, positions, np_rope_freqs(cfg))
   out = np.zeros((B, T, nh, hd))
   for b in range(B):
     for n in range(nh):
@@ -213,8 +245,8 @@ def test_init_params():
 # 1. Forward pass against the reference.
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [CFG_GQA_TIED, CFG_MHA_UNTIED, CFG_GQA_SCAN],
-                         ids=["gqa-tied", "mha-untied", "gqa-untied-scan"])
+@pytest.mark.parametrize("cfg", [CFG_GQA_TIED, CFG_MHA_UNTIED, CFG_GQA_SCAN, CFG_VARIANTS],
+                         ids=["gqa-tied", "mha-untied", "gqa-untied-scan", "bias-qknorm-llama3rope"])
 def test_forward_matches_numpy_reference(cfg):
   params = make_params(cfg, seed=1)
   if cfg.scan_layers:
@@ -236,6 +268,51 @@ def test_forward_matches_numpy_reference(cfg):
   np.testing.assert_allclose(out.scalar, ref_scalar, rtol=1e-4, atol=1e-4)
   if cfg == CFG_GQA_TIED:  # without an explicit mask (default: all True) the result is the same
     np.testing.assert_allclose(apply(cfg, params, tokens).logits, out.logits, rtol=1e-6, atol=1e-6)
+
+
+# Llama 3.1 8B / 405B and Llama 3.2 1B / 3B as shipped, the variants config, and a linear one.
+LLAMA31 = ModelConfig(head_dim=128, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0)
+LLAMA32 = ModelConfig(head_dim=64, rope_theta=500000.0, rope_scaling="llama3", rope_factor=32.0)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA31, LLAMA32, CFG_VARIANTS, ModelConfig(rope_scaling="linear", rope_factor=4.0)],
+                         ids=["llama3.1", "llama3.2", "variants", "linear"])
+def test_rotary_frequencies_match_float64_formula(cfg):
+  want = np_rope_freqs(cfg)
+  got = np.asarray(rotary_frequencies(cfg))
+  assert got.dtype == np.float32 and got.shape == (cfg.head_dim // 2,)
+  np.testing.assert_allclose(got, want, rtol=2 ** -23, atol=0)  # the float64 value, rounded once
+  unscaled = cfg.rope_theta ** (-np.arange(cfg.head_dim // 2) / (cfg.head_dim // 2))
+  ratio = unscaled / want
+  if cfg.rope_scaling == "llama3":  # all three bands are there: kept, divided by the factor, between
+    assert np.any(np.isclose(ratio, 1)) and np.any(np.isclose(ratio, cfg.rope_factor))
+    assert np.any((ratio > 1.01) & (ratio < cfg.rope_factor - 0.01))
+  else:
+    np.testing.assert_allclose(ratio, cfg.rope_factor, rtol=1e-12)
+
+
+def test_unscaled_rotary_frequencies_are_unchanged():
+  # The expression rotary embeddings always had, bit for bit: today's models compute as before.
+  cfg = PRESETS["13m"]
+  want = cfg.rope_theta ** (-jnp.arange(32, dtype=jnp.float32) / 32)
+  assert np.asarray(rotary_frequencies(cfg)).tobytes() == np.asarray(want).tobytes()
+
+
+def test_variant_parameters():
+  names = jax.tree.map(lambda x: x.names, jax.eval_shape(functools.partial(init_params, CFG_VARIANTS),
+                                                         jax.random.PRNGKey(0)), is_leaf=_is_boxed)
+  attn = names["layer_0"]["attn"]
+  assert (attn["bq"], attn["bk"], attn["q_norm"]["scale"]) == (("heads", "head_dim"), ("kv_heads", "head_dim"),
+                                                               ("norm",))
+  shapes = param_shapes(CFG_VARIANTS)["layer_0"]["attn"]
+  assert (shapes["bq"].shape, shapes["bv"].shape, shapes["k_norm"]["scale"].shape) == ((4, 16), (2, 16), (16,))
+  for cfg in (CFG_VARIANTS, CFG_GQA_TIED):  # the analytic count covers the new parameters
+    assert param_counts(cfg)["total"] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(cfg)))
+  assert sorted(param_shapes(CFG_GQA_TIED)["layer_0"]["attn"]) == ["wk", "wo", "wq", "wv"]  # off: as before
+  with pytest.raises(ValueError, match="rope_scaling='yarn'"):
+    ModelConfig(rope_scaling="yarn")
+  with pytest.raises(ValueError, match="expected 0 < low < high"):
+    ModelConfig(rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=1.0)
 
 
 def test_reference_is_sensitive_to_gqa_head_mapping():

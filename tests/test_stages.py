@@ -6,6 +6,7 @@ import os
 import pytest
 
 from rlhf_jax.experiments import stages
+from rlhf_jax.model.config import ModelConfig
 
 
 def _stage(name, settings, calls):
@@ -59,11 +60,18 @@ def test_model_variants_added_for_imports_keep_finished_stages(tmp_path):
   # (rlhf_jax.hf) at Llama's values are the old behaviour, so finished stages stay done.
   w, calls = str(tmp_path), []
   stages.run_stages([_stage("pm", {"model": {"d_model": 8}}, calls)], w)
-  same = {"d_model": 8, "mlp_activation": "silu", "scale_embeddings": False, "norm_offset": 0.0}
+  same = {"d_model": 8, "mlp_activation": "silu", "scale_embeddings": False, "norm_offset": 0.0,
+          "qkv_bias": False, "qk_norm": False, "rope_scaling": "none", "rope_factor": 1.0, "rope_low_freq_factor": 1.0,
+          "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192}
+  assert {f"model.{k}": v for k, v in same.items() if k != "d_model"} == {
+      k: v for k, v in stages.ADDED_WITH_NEUTRAL_DEFAULT.items() if k.startswith("model.")}
+  assert all(getattr(ModelConfig(), k) == v for k, v in same.items() if k != "d_model")  # the defaults
   stages.run_stages([_stage("pm", {"model": same}, calls)], w)
   assert calls == ["pm"]
   with pytest.raises(ValueError, match=r"model.norm_offset None -> 1.0"):
     stages.run_stages([_stage("pm", {"model": dict(same, norm_offset=1.0)}, calls)], w)
+  with pytest.raises(ValueError, match=r"model.qk_norm None -> True, model.rope_scaling None -> llama3"):
+    stages.run_stages([_stage("pm", {"model": dict(same, qk_norm=True, rope_scaling="llama3")}, calls)], w)
 
 
 def test_sampling_settings_moved_out_of_ppo_keep_finished_stages(tmp_path):

@@ -25,7 +25,8 @@ def encode_dialogue(tok: Tokenizer, dialogue: str, *, assistant_only: bool) -> E
   assistant_only: targets are the Assistant turns' texts and the final EOS (SFT);
   otherwise every token is a target (pretraining, distillation).
   """
-  tokens, mask = [], []
+  tokens = tok.bos_prefix()
+  mask = [False] * len(tokens)
   for turn in parse_turns(dialogue):
     marker, text = tok.encode(f"\n\n{turn.role}:"), tok.encode(turn.raw)
     target = not assistant_only or turn.role == "Assistant"

@@ -12,7 +12,7 @@ import numpy as np
 from rlhf_jax.data.batching import Batcher, Encoded, encode_dialogue, pack
 from rlhf_jax.data.hh_rlhf.load import load_split
 from rlhf_jax.data.hh_rlhf.records import read_comparisons
-from rlhf_jax.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+from rlhf_jax.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer
 from rlhf_jax.errors import ConfigError
 
 
@@ -65,18 +65,19 @@ def train_eval_records(config, workdir: str) -> tuple[list[dict], list[dict], in
 def load_or_train_tokenizer(config, texts: list[str], workdir: str) -> Tokenizer:
   """config.tokenizer.path if given, else the tokenizer of the run in config.init_from, else the
   run's own (trained once on the training texts, then reused)."""
-  inherited = os.path.join(config.init_from, MODEL_FILE) if config.get("init_from") else ""
+  init_from = config.get("init_from") or ""
   if config.tokenizer.path:
-    tok = Tokenizer(config.tokenizer.path)
-  elif inherited and os.path.exists(inherited):  # a model keeps the tokenizer it was trained with
-    tok = Tokenizer(inherited)
+    tok = load_tokenizer(config.tokenizer.path)
+  elif init_from and has_tokenizer(init_from):  # a model keeps the tokenizer it was trained with
+    tok = load_tokenizer(init_from)
+  elif has_tokenizer(workdir):
+    tok = load_tokenizer(workdir)
   else:
-    path = os.path.join(workdir, MODEL_FILE)
-    tok = Tokenizer(path) if os.path.exists(path) else train_tokenizer(texts, config.model.vocab_size, workdir)
-  own = os.path.join(workdir, MODEL_FILE)
-  if os.path.abspath(tok.path) != os.path.abspath(own):
+    tok = train_tokenizer(texts, config.model.vocab_size, workdir)
+  if os.path.abspath(os.path.dirname(tok.path)) != os.path.abspath(workdir):
     tok.copy_to(workdir)  # every run directory is self-contained: later stages inherit it
-  if tok.vocab_size != config.model.vocab_size:
+  # A pretrained model's embedding may have rows no token uses (padded to a round size).
+  if tok.vocab_size > config.model.vocab_size or (tok.vocab_size < config.model.vocab_size and not tok.pretrained):
     raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size is "
                      f"{config.model.vocab_size}")
   return tok

@@ -52,7 +52,7 @@ def prompts_per_iteration(config) -> int:
 
 
 def prompt_batcher(config, tok: Tokenizer, texts: list[str], batch_size: int) -> PromptBatcher:
-  return PromptBatcher([Encoded(tok.encode(t), []) for t in texts], batch_size=batch_size,
+  return PromptBatcher([Encoded(tok.encode_sequence(t), []) for t in texts], batch_size=batch_size,
                        seq_len=config.sampling.prompt_len, seed=config.train.seed, pad_id=tok.pad_id)
 
 

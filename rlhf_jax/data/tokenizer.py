@@ -25,12 +25,13 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from rlhf_jax.data.json_tokenizer import CHAT_TEMPLATE_FILE, JSON_FILE, SPECIALS_FILE, JsonTokenizer
 from rlhf_jax.errors import ConfigError
 
 PAD_ID, UNK_ID, EOS_ID, EOC_ID = 0, 1, 2, 3
 EOC_PIECE = "<|endofcontext|>"
 MODEL_FILE = "tokenizer.model"
-SPECIALS_FILE = "tokenizer_specials.json"  # beside an imported model's tokenizer.model
+TOKENIZER_FILES = (MODEL_FILE, JSON_FILE)  # a run directory holds one of them
 
 
 class Tokenizer:
@@ -39,8 +40,9 @@ class Tokenizer:
     self.path = os.fspath(model_path)
     self._sp = spm.SentencePieceProcessor(model_file=self.path)
     specials = os.path.join(os.path.dirname(self.path), SPECIALS_FILE)
-    self.bos_id = None
-    if os.path.exists(specials):
+    self.bos_id, self.add_bos = None, False
+    self.pretrained = os.path.exists(specials)  # a model's own vocabulary, not one trained here
+    if self.pretrained:
       self._read_specials(specials)
       self._sp = _without_dummy_prefix(self._sp, self.path)
     elif self._sp.piece_to_id(EOC_PIECE) != EOC_ID or self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
@@ -52,6 +54,7 @@ class Tokenizer:
   def _read_specials(self, path: str) -> None:
     with open(path, encoding="utf-8") as f:
       ids = json.load(f)
+    self.add_bos = bool(ids.get("add_bos", False))
     for key in ("pad_id", "unk_id", "eos_id", "eoc_id", "bos_id"):
       value = ids.get(key)
       if value is None and key == "bos_id":
@@ -67,6 +70,17 @@ class Tokenizer:
 
   pad_id, unk_id, eos_id, eoc_id = PAD_ID, UNK_ID, EOS_ID, EOC_ID  # an imported model's: its own
 
+  def bos_prefix(self) -> list[int]:
+    """[BOS] where the model was pretrained with one opening every sequence, else []."""
+    return [self.bos_id] if self.add_bos else []
+
+  def chat_template(self) -> None:
+    return None  # SentencePiece models imported here carry none
+
+  def encode_sequence(self, text: str) -> list[int]:
+    """The ids of a text that starts a sequence: BOS first where the model expects one."""
+    return self.bos_prefix() + self.encode(text)
+
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
@@ -80,6 +94,9 @@ class Tokenizer:
   def copy_to(self, directory: str) -> None:
     """Writes this tokenizer (and an imported one's special ids) into a run directory."""
     shutil.copyfile(self.path, os.path.join(directory, MODEL_FILE))
+    for stale in (JSON_FILE, CHAT_TEMPLATE_FILE):  # another kind of tokenizer's, left by an earlier run
+      if os.path.exists(os.path.join(directory, stale)):
+        os.remove(os.path.join(directory, stale))
     specials, target = os.path.join(os.path.dirname(self.path), SPECIALS_FILE), os.path.join(directory, SPECIALS_FILE)
     if os.path.exists(specials):
       shutil.copyfile(specials, target)
@@ -144,9 +161,28 @@ def _train_bpe(sentences: list[str], vocab_size: int, model: io.BytesIO) -> None
       shuffle_input_sentence=False, minloglevel=2)
 
 
-def same_tokenizer(*run_dirs: str) -> Tokenizer:
-  paths = [os.path.join(d, MODEL_FILE) for d in run_dirs]
+def tokenizer_file(directory: str) -> str:
+  """The tokenizer a run or model directory holds: tokenizer.model, else tokenizer.json."""
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  raise ConfigError(f"{directory}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+
+
+def has_tokenizer(directory: str) -> bool:
+  return any(os.path.exists(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str):
+  """The tokenizer of a run / model directory, or of a tokenizer file: SentencePiece (.model) or a
+  pretrained model's tokenizer.json; both answer the same calls."""
+  path = tokenizer_file(path) if os.path.isdir(path) else os.fspath(path)
+  return JsonTokenizer(path) if path.endswith(".json") else Tokenizer(path)
+
+
+def same_tokenizer(*run_dirs: str):
+  paths = [tokenizer_file(d) for d in run_dirs]
   for p in paths[1:]:
     if not filecmp.cmp(paths[0], p, shallow=False):
       raise ConfigError(f"{p} differs from {paths[0]}: the policy and PMs must share one tokenizer")
-  return Tokenizer(paths[0])
+  return load_tokenizer(paths[0])

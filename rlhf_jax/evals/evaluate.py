@@ -15,7 +15,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax.data.tokenizer import MODEL_FILE, Tokenizer
+from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evals import policy_elo, suite
 from rlhf_jax.evals.loglik import Scorer
@@ -33,7 +33,7 @@ def _policy_ref(ref: str) -> tuple[str, int | None]:
 def elo_prompts(tok: Tokenizer, texts: list[str], prompt_len: int) -> dict:
   from rlhf_jax.data.batching import Encoded
   from rlhf_jax.data.prompts import PromptBatcher
-  return PromptBatcher([Encoded(tok.encode(t), []) for t in texts], batch_size=len(texts), seq_len=prompt_len,
+  return PromptBatcher([Encoded(tok.encode_sequence(t), []) for t in texts], batch_size=len(texts), seq_len=prompt_len,
                        seed=0, pad_id=tok.pad_id).in_order()[0]
 
 
@@ -63,7 +63,7 @@ def evaluate(config) -> dict:
   suites = suite.parse_suites(config.suites)
   mesh = shd.make_mesh(config.mesh.shape)
   policy = load_policy(config.policy_dir, mesh, None if config.step < 0 else config.step)
-  tok = Tokenizer(os.path.join(policy.tokenizer_dir, MODEL_FILE))
+  tok = load_tokenizer(policy.tokenizer_dir)
   out_dir = config.out_dir or os.path.join(config.policy_dir, "evals")
   scorer = Scorer(policy.params, policy.model.cfg, mesh, batch_size=config.batch_size, progress=config.progress_bar)
   results = {"policy_dir": os.path.abspath(config.policy_dir), "step": policy.step}

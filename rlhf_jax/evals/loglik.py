@@ -33,13 +33,14 @@ def bucket_length(n: int, min_len: int, max_len: int) -> int:
 def encode_requests(tok, contexts: Sequence[str], continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
   """Token requests for text pairs, encoded separately so that the continuation's tokens are its
   own. Trailing whitespace of a context moves to its continuation (the harness's convention: "a"
-  + " b", not "a " + "b"). An empty context becomes EOS, the document boundary the LM trained on,
-  so that the first continuation token is scored too."""
+  + " b", not "a " + "b"). A context opens with BOS where the model expects one; an empty one
+  becomes BOS, or else EOS, the document boundary the LM trained on, so that the first
+  continuation token is scored too."""
   out = []
   for ctx, cont in zip(contexts, continuations, strict=True):
     stripped = ctx.rstrip()
     cont = ctx[len(stripped):] + cont
-    ctx_ids = tok.encode(stripped) if stripped else []
+    ctx_ids = tok.encode_sequence(stripped) if stripped else tok.bos_prefix()
     out.append((ctx_ids or [tok.eos_id], tok.encode(cont)))
   return out
 

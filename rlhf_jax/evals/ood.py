@@ -116,8 +116,8 @@ def evaluate(scorer, tok, in_prompts: Sequence[str], out_prompts: Sequence[str],
   if min(n_train, len(in_prompts) - n_train, len(out_prompts) - n_pool) < 2:
     raise ConfigError(f"ood: too few prompts ({len(in_prompts)} in-distribution, {len(out_prompts)} "
                       f"out-of-distribution): each split needs at least 2")
-  feats_in = scorer.mean_activations([tok.encode(p) for p in in_prompts], layer, desc="ood in")
-  feats_out = scorer.mean_activations([tok.encode(p) for p in out_prompts], layer, desc="ood out")
+  feats_in = scorer.mean_activations([tok.encode_sequence(p) for p in in_prompts], layer, desc="ood in")
+  feats_out = scorer.mean_activations([tok.encode_sequence(p) for p in out_prompts], layer, desc="ood out")
   train, test = _split(len(in_prompts), n_train, rng)
   pool, test_out = _split(len(out_prompts), n_pool, rng)
   result = detect(feats_in[train], feats_in[test], feats_out[test_out], feats_out[pool], ks, seed)

@@ -112,7 +112,7 @@ def gold_labels(policy, gold, tok: Tokenizer, prompts: list[str], *, num_pairs: 
   while len(records) + ties < num_pairs:
     chunk = [prompts[(start + i) % len(prompts)] for i in range(min(batch_size, num_pairs - len(records) - ties))]
     start += len(chunk)
-    batch = PromptBatcher([Encoded(tok.encode(p), []) for p in chunk], batch_size=len(chunk),
+    batch = PromptBatcher([Encoded(tok.encode_sequence(p), []) for p in chunk], batch_size=len(chunk),
                           seq_len=prompt_len, seed=0, pad_id=tok.pad_id).in_order()[0]
     rng, key = jax.random.split(rng)
     gen = generate(policy.params, np.repeat(batch["tokens"], 2, axis=0),

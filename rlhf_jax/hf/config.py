@@ -3,8 +3,11 @@
 Our Transformer is Llama's computation exactly: RMSNorm with the checkpoint's eps, rotary
 embeddings on the two halves of head_dim (HF's `rotate_half` layout, which is also ours, so q/k
 weights load unpermuted) with base rope_theta, softmax scaled by head_dim ** -0.5, SwiGLU, GQA,
-tied or untied embeddings. Mistral is the same without a sliding window; Gemma adds three small
-switches (ModelConfig.scale_embeddings, norm_offset = 1, mlp_activation = "gelu_tanh").
+tied or untied embeddings, and Llama 3.1's or linear rotary scaling (ModelConfig.rope_scaling).
+Mistral is the same without a sliding window; Gemma adds three small switches
+(ModelConfig.scale_embeddings, norm_offset = 1, mlp_activation = "gelu_tanh"); Qwen2 / 2.5 adds
+biases to q, k and v (qkv_bias), Qwen3 an RMSNorm of each query and key head (qk_norm), both
+without a sliding window.
 Everything else in a config.json either has no effect on the forward pass (listed in
 NO_EFFECT) or is refused with a ConfigError naming the file and field: nothing is approximated.
 """
@@ -20,7 +23,16 @@ from rlhf_jax.model.config import ModelConfig
 
 PREFIX = "hf:"  # a run reference naming a HuggingFace directory: init_from=hf:DIR
 CONFIG_FILE = "config.json"
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+NOT_IMPLEMENTED = {  # families asked for often, and what of theirs we do not compute
+    "gemma2": "logit soft-capping, alternating sliding-window layers, post-attention and post-MLP norms",
+    "gemma3": "a vision tower, alternating sliding-window layers with two rotary bases, four norms a layer",
+    "gemma3_text": "alternating sliding-window layers with two rotary bases, four norms a layer"}
+# Keys of rope_scaling / rope_parameters that each rotary type reads (the rest is refused).
+ROPE_KEYS = {"default": set(), "linear": {"factor"},
+             "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+QWEN_WINDOW = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
 # Settings of how a run computes, not of the checkpoint: the importing run chooses them.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl")
 NO_EFFECT = {"_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
@@ -48,28 +60,41 @@ def read_json(path: str) -> dict:
       raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-def _rope_theta(hf: dict, path: str) -> float:
-  scaling = hf.get("rope_scaling")
-  if scaling is not None:
-    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-    if kind != "default":
-      raise ConfigError(f"{path}: unsupported: rope_scaling.type={kind} (only unscaled rotary embeddings "
-                        f"are implemented)")
-  params = hf.get("rope_parameters") or {}
-  kind = params.get("rope_type", "default")
-  if kind != "default":
-    raise ConfigError(f"{path}: unsupported: rope_scaling.type={kind} (rope_parameters.rope_type; only "
-                      f"unscaled rotary embeddings are implemented)")
-  extra = sorted(set(params) - {"rope_type", "rope_theta"})
+def _rope(hf: dict, path: str) -> dict:
+  """ModelConfig's rotary fields, from rope_theta and rope_scaling (transformers 4's config.json) or
+  rope_parameters (transformers 5's)."""
+  if hf.get("rope_scaling") is not None and hf.get("rope_parameters") is not None:
+    raise ConfigError(f"{path}: unsupported: both rope_scaling and rope_parameters (one of them expected)")
+  field = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
+  spec = hf.get(field) or {}
+  if not isinstance(spec, dict):
+    raise ConfigError(f"{path}: unsupported: {field}={spec!r} (a dict expected)")
+  key = "type" if "type" in spec and "rope_type" not in spec else "rope_type"
+  kind = spec.get(key, "default")
+  if kind not in ROPE_KEYS:
+    raise ConfigError(f"{path}: unsupported: {field}.{key}={kind} (implemented: {', '.join(ROPE_KEYS)})")
+  extra = sorted(set(spec) - ROPE_KEYS[kind] - {"rope_type", "type", "rope_theta"})
   if extra:
-    raise ConfigError(f"{path}: unsupported: rope_parameters.{extra[0]}")
-  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    raise ConfigError(f"{path}: unsupported: {field}.{extra[0]}={spec[extra[0]]!r} for rope_type={kind}")
+  # transformers' default for a llama3 config without original_max_position_embeddings
+  spec = {"original_max_position_embeddings": hf.get("max_position_embeddings"), **spec}
+  missing = sorted(k for k in ROPE_KEYS[kind] if spec.get(k) is None)
+  if missing:
+    raise ConfigError(f"{path}: {field}.{missing[0]} missing (rope_type={kind} needs it)")
+  out = {"rope_theta": float(spec.get("rope_theta", hf.get("rope_theta", 10000.0))),
+         "rope_scaling": "none" if kind == "default" else kind}
+  if kind != "default":
+    out["rope_factor"] = float(spec["factor"])
+  if kind == "llama3":
+    out.update(rope_low_freq_factor=float(spec["low_freq_factor"]),
+               rope_high_freq_factor=float(spec["high_freq_factor"]),
+               rope_original_max_len=int(spec["original_max_position_embeddings"]))
+  return out
 
 
 def _check_fields(hf: dict, model_type: str, path: str) -> None:
-  known = NO_EFFECT | SHAPE | set(MUST_BE) | ({"sliding_window"} if model_type == "mistral" else set())
-  if model_type == "gemma":
-    known |= {"hidden_activation"}
+  known = NO_EFFECT | SHAPE | set(MUST_BE) | {"mistral": {"sliding_window"}, "gemma": {"hidden_activation"},
+                                              "qwen2": QWEN_WINDOW, "qwen3": QWEN_WINDOW}.get(model_type, set())
   unknown = sorted(set(hf) - known)
   if unknown:
     raise ConfigError(f"{path}: unsupported field {unknown[0]}={hf[unknown[0]]!r} for model_type="
@@ -78,9 +103,26 @@ def _check_fields(hf: dict, model_type: str, path: str) -> None:
     if field in hf and hf[field] not in allowed:
       raise ConfigError(f"{path}: unsupported: {field}={hf[field]!r} (rlhf_jax implements {allowed[0]!r})")
   window = hf.get("sliding_window")
+  if model_type in ("qwen2", "qwen3"):
+    window = _qwen_window(hf, path)
   if window is not None and window < hf.get("max_position_embeddings", 0):
     raise ConfigError(f"{path}: unsupported: sliding_window={window} < max_position_embeddings="
                       f"{hf['max_position_embeddings']} (sliding-window attention is not implemented)")
+
+
+def _qwen_window(hf: dict, path: str) -> Optional[int]:
+  """The sliding window some Qwen layer attends through, None when every layer attends to all: as
+  transformers' Qwen2/3 configs, the window only with use_sliding_window, in the layers layer_types
+  marks, by default those from max_window_layers on."""
+  kinds = hf.get("layer_types")
+  if kinds is not None and not set(kinds) <= {"full_attention", "sliding_attention"}:
+    raise ConfigError(f"{path}: unsupported: layer_types={kinds}")
+  if not hf.get("use_sliding_window"):
+    return None
+  if kinds is None:
+    kinds = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+             for i in range(hf.get("num_hidden_layers", 0))]
+  return hf.get("sliding_window") if "sliding_attention" in kinds else None
 
 
 def _activation(hf: dict, model_type: str, path: str) -> str:
@@ -101,7 +143,8 @@ def model_config(hf_dir: str, runtime: Optional[dict] = None) -> ModelConfig:
   hf = read_json(path)
   model_type = hf.get("model_type")
   if model_type not in ARCHITECTURES:
-    raise ConfigError(f"{path}: unsupported: model_type={model_type} (supported: {', '.join(ARCHITECTURES)})")
+    why = f"not implemented: {NOT_IMPLEMENTED[model_type]}; " if model_type in NOT_IMPLEMENTED else ""
+    raise ConfigError(f"{path}: unsupported: model_type={model_type} ({why}supported: {', '.join(ARCHITECTURES)})")
   archs = hf.get("architectures") or [ARCHITECTURES[model_type]]
   if archs != [ARCHITECTURES[model_type]]:
     raise ConfigError(f"{path}: unsupported: architectures={archs} (a {ARCHITECTURES[model_type]} is imported)")
@@ -112,10 +155,11 @@ def model_config(hf_dir: str, runtime: Optional[dict] = None) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["num_hidden_layers"], num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or d // heads,
         mlp_dim=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
-        rope_theta=_rope_theta(hf, path), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
         mlp_activation=_activation(hf, model_type, path), scale_embeddings=model_type == "gemma",
-        norm_offset=1.0 if model_type == "gemma" else 0.0)
+        norm_offset=1.0 if model_type == "gemma" else 0.0, qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3", **_rope(hf, path))
   except KeyError as e:
     raise ConfigError(f"{path}: missing field {e.args[0]}") from None
   fields.update({k: v for k, v in (runtime or {}).items() if k in RUNTIME_FIELDS})
@@ -164,16 +208,49 @@ def special_ids(hf_dir: str, sp) -> dict[str, Any]:
           "unk_id": sp.unk_id(), "eoc_id": eoc if eoc != sp.unk_id() else eos, "source": os.path.abspath(path)}
 
 
-def llama_config(cfg: ModelConfig, specials: dict, dtype: str) -> dict:
-  """config.json for a model trained here from scratch (our defaults are Llama's architecture)."""
-  if (cfg.mlp_activation, cfg.scale_embeddings, cfg.norm_offset) != ("silu", False, 0.0):
-    raise ConfigError("only a model with Llama's defaults (mlp_activation=silu, no embedding scale, "
-                      "norm_offset=0) is exported without the config.json of the model it was imported from")
-  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-          "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
-          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-          "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-          "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
-          "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-          "attention_dropout": 0.0, "bos_token_id": specials["bos_id"], "eos_token_id": specials["eos_id"],
-          "pad_token_id": specials["pad_id"], "torch_dtype": dtype}
+FAMILIES = {  # (Gemma's three switches, qkv_bias, qk_norm): the family whose computation that is
+    (False, False, False): "llama", (True, False, False): "gemma", (False, True, False): "qwen2",
+    (False, False, True): "qwen3"}
+
+
+def _family(cfg: ModelConfig) -> str:
+  switches = (cfg.mlp_activation, cfg.scale_embeddings, cfg.norm_offset)
+  gemma = switches == ("gelu_tanh", True, 1.0)
+  family = FAMILIES.get((gemma, cfg.qkv_bias, cfg.qk_norm))
+  if family is None or not gemma and switches != ("silu", False, 0.0):
+    raise ConfigError(f"no HuggingFace family computes mlp_activation={cfg.mlp_activation}, scale_embeddings="
+                      f"{cfg.scale_embeddings}, norm_offset={cfg.norm_offset}, qkv_bias={cfg.qkv_bias}, "
+                      f"qk_norm={cfg.qk_norm}: such a model is exported only with the config.json it was "
+                      f"imported from")
+  return family
+
+
+def _rope_json(cfg: ModelConfig) -> Optional[dict]:
+  if cfg.rope_scaling == "none":
+    return None
+  out = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor}
+  if cfg.rope_scaling == "llama3":
+    out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+               original_max_position_embeddings=cfg.rope_original_max_len)
+  return out
+
+
+def config_json(cfg: ModelConfig, specials: dict, dtype: str) -> dict:
+  """config.json for a model with none of its own (trained here from scratch): the family its
+  switches are (Llama for our defaults), rotary settings as rope_theta and rope_scaling, which
+  transformers 4 and 5 both read."""
+  family = _family(cfg)
+  hf = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu" if cfg.mlp_activation == "silu" else "gelu_pytorch_tanh",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": _rope_json(cfg), "tie_word_embeddings": cfg.tie_embeddings}
+  if family in ("llama", "qwen3"):
+    hf["attention_bias"] = False
+  if family == "llama":
+    hf["mlp_bias"] = False
+  if family in ("qwen2", "qwen3"):
+    hf.update(use_sliding_window=False, sliding_window=None)
+  return hf | {"attention_dropout": 0.0, "bos_token_id": specials["bos_id"], "eos_token_id": specials["eos_id"],
+               "pad_token_id": specials["pad_id"], "torch_dtype": dtype}

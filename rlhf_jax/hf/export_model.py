@@ -6,7 +6,8 @@ RUN is any run with a policy: an LM / SFT run, or a PPO run (its policy). DIR ge
 model.safetensors, config.json and tokenizer.model. A model imported from HuggingFace (through
 init_from / policy_from) is written back with its source's config.json and tokenizer files and
 each tensor in its source dtype (so an import exported untrained reproduces the source's tensors
-exactly); a model trained here from scratch is written as a LlamaForCausalLM in float32. A PM's
+exactly); a model trained here from scratch is written as a LlamaForCausalLM (or the family its
+ModelConfig switches name: Gemma, Qwen2, Qwen3) in float32. A PM's
 scalar head is not part of that layout and is left out. One tensor at a time is gathered to the
 host while the file is written.
 """
@@ -20,7 +21,7 @@ from typing import Optional
 import jax
 from absl import flags, logging
 
-from rlhf_jax.data.tokenizer import MODEL_FILE, Tokenizer
+from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
 from rlhf_jax.hf import runs, tensor_files, weights
@@ -38,8 +39,8 @@ def _source_files(run_dir: str, dtype: str, tok: Tokenizer, cfg) -> tuple[dict, 
   """(config.json, {tensor: safetensors dtype}, directory of files to pass through)."""
   source = runs.import_source(run_dir)
   if source is None:
-    hf = hf_config.llama_config(cfg, {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
-                                dtype or "float32")
+    hf = hf_config.config_json(cfg, {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+                               dtype or "float32")
     return hf, {}, None
   hf_dir = os.path.join(source, runs.HF_SUBDIR)
   hf = hf_config.read_json(os.path.join(hf_dir, "config.json"))
@@ -59,7 +60,7 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None, dtype: st
     raise ConfigError(f"--out={out_dir} is not empty")
   policy = load_policy(run_dir, shd.make_mesh((1, -1, 1)), step)
   cfg = policy.model.cfg
-  tok = Tokenizer(os.path.join(policy.tokenizer_dir, MODEL_FILE))
+  tok = load_tokenizer(policy.tokenizer_dir)
   hf, dtypes, passed_through = _source_files(run_dir, dtype, tok, cfg)
   names = weights.hf_names(cfg)
   kind = lambda name: tensor_files.DTYPES[DTYPE_NAMES[dtype] if dtype else dtypes.get(name, "F32")]
@@ -75,7 +76,7 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None, dtype: st
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf, f, indent=2)
     f.write("\n")
-  shutil.copyfile(tok.path, os.path.join(out_dir, MODEL_FILE))
+  shutil.copyfile(tok.path, os.path.join(out_dir, os.path.basename(tok.path)))  # tokenizer.model or .json
   if passed_through:
     for name in runs.PASSED_THROUGH:
       if os.path.exists(os.path.join(passed_through, name)):

@@ -6,7 +6,8 @@ in the config, so everything that reads runs (run_model, load_run_config, restor
 load_or_train_tokenizer, FrozenModel, load_policy) works unchanged. The cache is
 $RLHF_JAX_HF_IMPORT_DIR if set (share it between runs: each import is a float32 copy of the
 weights), else <workdir>/hf_import. The hash covers the source files' sizes and times and the
-settings below, so a changed checkpoint or another layout is imported afresh.
+settings below, so a changed checkpoint or another layout is imported afresh. `gguf:FILE` names a
+llama.cpp GGUF file instead (rlhf_jax.hf.gguf_model, gguf_tokenizer), imported into the same cache.
 
 An imported run directory holds config.json (an LM run's config whose model is the checkpoint's),
 checkpoints/0 (the params, including a fresh scalar head: zeros, as a new model's), tokenizer.model
@@ -25,10 +26,11 @@ import jax
 import ml_collections
 import sentencepiece as spm
 
-from rlhf_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE
+from rlhf_jax.data.tokenizer import CHAT_TEMPLATE_FILE, JSON_FILE, MODEL_FILE, SPECIALS_FILE
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
-from rlhf_jax.hf import tensor_files, weights
+from rlhf_jax.hf import gguf_model, gguf_tokenizer, tensor_files, weights
+from rlhf_jax.hf import tokens as hf_tokens
 from rlhf_jax.model.config import ModelConfig
 from rlhf_jax.training import sharding as shd
 from rlhf_jax.training.checkpointing import Checkpointer
@@ -38,7 +40,8 @@ CACHE_ENV = "RLHF_JAX_HF_IMPORT_DIR"
 HF_SUBDIR = "hf"
 RECORD = "import.json"
 # Files of an HF directory that travel through a run unchanged (the tokenizer as HF tools load it).
-PASSED_THROUGH = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+PASSED_THROUGH = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                  "chat_template.jinja")
 
 
 def is_hf(ref: Optional[str]) -> bool:
@@ -46,9 +49,9 @@ def is_hf(ref: Optional[str]) -> bool:
 
 
 def _fingerprint(hf_dir: str, runtime: dict) -> str:
-  files = sorted(f for f in os.listdir(hf_dir) if f.endswith((".safetensors", ".json", ".model")))
-  stats = [(f, os.stat(os.path.join(hf_dir, f)).st_size, os.stat(os.path.join(hf_dir, f)).st_mtime_ns)
-           for f in files]
+  paths = [hf_dir] if os.path.isfile(hf_dir) else [  # a GGUF file, or a directory's checkpoint and tokenizer
+      os.path.join(hf_dir, f) for f in sorted(os.listdir(hf_dir)) if f.endswith((".safetensors", ".json", ".model"))]
+  stats = [(os.path.basename(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
   text = json.dumps([os.path.abspath(hf_dir), stats, sorted(runtime.items())])
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -76,26 +79,18 @@ def import_model(hf_dir: str, out_dir: str, runtime: Optional[dict] = None,
     raise ConfigError(f"{out_dir} exists: import into a new directory")
   runtime = {k: v for k, v in (runtime or {}).items() if k in hf_config.RUNTIME_FIELDS}
   cfg = hf_config.model_config(hf_dir, runtime)
-  tok_path = os.path.join(hf_dir, MODEL_FILE)
-  if not os.path.isfile(tok_path):
-    raise ConfigError(f"{hf_dir}: no {MODEL_FILE} (only SentencePiece tokenizers are supported; a "
-                      f"tokenizer.json-only model such as Llama 3 is not)")
-  sp = spm.SentencePieceProcessor(model_file=tok_path)
-  if sp.get_piece_size() != cfg.vocab_size:
-    raise ConfigError(f"{os.path.join(hf_dir, hf_config.CONFIG_FILE)}: vocab_size={cfg.vocab_size} but "
-                      f"{tok_path} has {sp.get_piece_size()} pieces (added tokens are not supported)")
-  specials = hf_config.special_ids(hf_dir, sp)
+  tok_path, specials = _tokenizer(hf_dir, cfg)
   infos = tensor_files.index_directory(hf_dir)
   params = weights.load_params(hf_dir, cfg, shd.make_mesh(mesh_shape))  # checks every tensor first
 
-  partial = out_dir.rstrip("/") + ".partial"
-  lead = jax.process_index() == 0
+  partial, lead = _start_run(out_dir, cfg, hf_dir)
   if lead:
-    shutil.rmtree(partial, ignore_errors=True)  # an earlier import that was killed
-    os.makedirs(os.path.join(partial, HF_SUBDIR))
-    _write_json(os.path.join(partial, "config.json"), _run_config(cfg, hf_dir))
-    shutil.copyfile(tok_path, os.path.join(partial, MODEL_FILE))
+    shutil.copyfile(tok_path, os.path.join(partial, os.path.basename(tok_path)))
     _write_json(os.path.join(partial, SPECIALS_FILE), specials)
+    template = hf_tokens.chat_template(hf_dir)
+    if template is not None:
+      with open(os.path.join(partial, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
+        f.write(template)
     shutil.copyfile(os.path.join(hf_dir, hf_config.CONFIG_FILE), os.path.join(partial, HF_SUBDIR, "config.json"))
     for name in PASSED_THROUGH:
       if os.path.exists(os.path.join(hf_dir, name)):
@@ -104,13 +99,78 @@ def import_model(hf_dir: str, out_dir: str, runtime: Optional[dict] = None,
         "source": os.path.abspath(hf_dir), "runtime": runtime,
         "dtypes": {name: tensor_files.NAMES[info.dtype] for name, info in infos.items()
                    if name in weights.hf_names(cfg)}})
+  return _finish_run(partial, out_dir, params, hf_dir)
+
+
+def _start_run(out_dir: str, cfg: ModelConfig, source: str) -> tuple[str, bool]:
+  """(the directory an import writes into, whether this process writes files): out_dir.partial,
+  renamed to out_dir by _finish_run once everything is in it, so a killed import leaves no run."""
+  partial = out_dir.rstrip("/") + ".partial"
+  lead = jax.process_index() == 0
+  if lead:
+    shutil.rmtree(partial, ignore_errors=True)  # an earlier import that was killed
+    os.makedirs(os.path.join(partial, HF_SUBDIR))
+    _write_json(os.path.join(partial, "config.json"), _run_config(cfg, source))
+  return partial, lead
+
+
+def _finish_run(partial: str, out_dir: str, params, source: str) -> str:
   _barrier("hf import: directory")
   with Checkpointer(os.path.join(partial, "checkpoints"), async_save=False) as ckpt:
-    ckpt.save(0, {"params": params}, {"hf_import": os.path.abspath(hf_dir)})
-  if lead:
+    ckpt.save(0, {"params": params}, {"hf_import": os.path.abspath(source)})
+  if jax.process_index() == 0:
     os.replace(partial, out_dir)
   _barrier("hf import: done")
   return out_dir
+
+
+def import_gguf(path: str, out_dir: str, runtime: Optional[dict] = None,
+                mesh_shape: Sequence[int] = (1, -1, 1)) -> str:
+  """Imports a GGUF file as the run directory out_dir, as import_model does a HuggingFace directory:
+  its tensors dequantised to float32, its vocabulary as tokenizer.json, and in hf/ a config.json
+  and tokenizer_config.json of the same model, from which hf_export writes it as safetensors."""
+  if os.path.exists(out_dir):
+    raise ConfigError(f"{out_dir} exists: import into a new directory")
+  runtime = {k: v for k, v in (runtime or {}).items() if k in hf_config.RUNTIME_FIELDS}
+  f = gguf_model.GGUFFile(path)
+  cfg = gguf_model.model_config(f, runtime)
+  names = gguf_model.check_tensors(f, cfg)
+  specials, tokenizer = gguf_tokenizer.special_ids(f), gguf_tokenizer.tokenizer_json(f)
+  params = weights.params_from(gguf_model.fetcher(f, cfg, names), cfg, shd.make_mesh(mesh_shape))
+  partial, lead = _start_run(out_dir, cfg, path)
+  if lead:
+    hf_tokenizer = gguf_tokenizer.tokenizer_config(f, specials, cfg.max_seq_len)  # for an export
+    files = {JSON_FILE: tokenizer, CHAT_TEMPLATE_FILE: gguf_tokenizer.chat_template(f),
+             os.path.join(HF_SUBDIR, "tokenizer_config.json"): hf_tokenizer}
+    for name, text in files.items():
+      if text is not None:
+        with open(os.path.join(partial, name), "w", encoding="utf-8") as out:
+          out.write(text)
+    _write_json(os.path.join(partial, SPECIALS_FILE), specials)
+    _write_json(os.path.join(partial, HF_SUBDIR, "config.json"), hf_config.config_json(cfg, specials, "float32"))
+    _write_json(os.path.join(partial, HF_SUBDIR, RECORD), {"source": os.path.abspath(path), "runtime": runtime,
+                                                           **gguf_model.tensor_record(f, names)})
+  return _finish_run(partial, out_dir, params, path)
+
+
+def _tokenizer(hf_dir: str, cfg: ModelConfig) -> tuple[str, dict]:
+  """(the model's tokenizer file, its special ids): tokenizer.model (SentencePiece), else tokenizer.json."""
+  config_path = os.path.join(hf_dir, hf_config.CONFIG_FILE)
+  if os.path.isfile(os.path.join(hf_dir, MODEL_FILE)):
+    tok_path = os.path.join(hf_dir, MODEL_FILE)
+    sp = spm.SentencePieceProcessor(model_file=tok_path)
+    if sp.get_piece_size() != cfg.vocab_size:
+      raise ConfigError(f"{config_path}: vocab_size={cfg.vocab_size} but {tok_path} has {sp.get_piece_size()} "
+                        f"pieces (added tokens are not supported)")
+    return tok_path, hf_config.special_ids(hf_dir, sp)
+  tok_path = os.path.join(hf_dir, JSON_FILE)
+  if not os.path.isfile(tok_path):
+    raise ConfigError(f"{hf_dir}: no tokenizer ({MODEL_FILE} or {JSON_FILE})")
+  specials = hf_tokens.special_ids(hf_dir, tok_path)
+  if specials["vocab_size"] > cfg.vocab_size:  # a larger embedding is common (rows padded to a round size)
+    raise ConfigError(f"{config_path}: vocab_size={cfg.vocab_size} but {tok_path} has {specials['vocab_size']} "
+                      f"tokens")
+  return tok_path, specials
 
 
 def _write_json(path: str, value) -> None:
@@ -121,24 +181,27 @@ def _write_json(path: str, value) -> None:
 
 def imported(ref: str, cache_dir: str, runtime: Optional[dict] = None,
              mesh_shape: Sequence[int] = (1, -1, 1)) -> str:
-  """The run directory of `hf:DIR` in cache_dir, imported now unless it already is."""
-  hf_dir = ref[len(PREFIX):] if is_hf(ref) else ref
+  """The run directory of `hf:DIR` (or `gguf:FILE`) in cache_dir, imported now unless it already is."""
+  gguf = gguf_model.is_gguf(ref)
+  hf_dir = ref[len(gguf_model.PREFIX if gguf else PREFIX):] if gguf or is_hf(ref) else ref
+  if not os.path.exists(hf_dir):
+    raise ConfigError(f"{ref}: {hf_dir} does not exist")
   defaults = ModelConfig()  # unset runtime fields at their defaults: one import for equal settings
   runtime = {k: (runtime or {}).get(k, getattr(defaults, k)) for k in hf_config.RUNTIME_FIELDS}
-  name = os.path.basename(os.path.normpath(os.path.abspath(hf_dir)))
+  name = os.path.basename(os.path.normpath(os.path.abspath(hf_dir))).removesuffix(".gguf")
   out = os.path.join(cache_dir, f"{name}-{_fingerprint(hf_dir, runtime)}")
   if not os.path.isdir(out):
     print(f"importing {hf_dir} into {out}", flush=True)
     os.makedirs(cache_dir, exist_ok=True)
-    import_model(hf_dir, out, runtime, mesh_shape)
+    (import_gguf if gguf else import_model)(hf_dir, out, runtime, mesh_shape)
   return out
 
 
 def resolve(config, workdir: str, fields: Sequence[str]) -> ml_collections.ConfigDict:
-  """config with every `hf:DIR` among fields replaced by its imported run directory. The import
+  """config with every `hf:DIR` or `gguf:FILE` among fields replaced by its imported run directory. The import
   takes the run's own runtime settings (dtype, scan_layers, ...) so the model it inherits is the
   one it asked for."""
-  refs = {f: config.get(f) for f in fields if is_hf(config.get(f))}
+  refs = {f: config.get(f) for f in fields if is_hf(config.get(f)) or gguf_model.is_gguf(config.get(f))}
   if not refs:
     return config
   cache = os.environ.get(CACHE_ENV) or os.path.join(workdir, "hf_import")

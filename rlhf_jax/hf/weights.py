@@ -2,10 +2,10 @@
 
 HF stores a Linear as weight [out, in]; our Dense-style params are [in, out] with attention heads
 as their own axis ([d_model, heads, head_dim] for q/k/v, [heads, head_dim, d_model] for the
-output). Each `Slot` says how an HF tensor is viewed (reshape) and transposed into ours. Q and K
-need no permutation: HF's Llama already stores them in the rotate-half layout our rotary
-embedding uses (the interleaved layout of Meta's original checkpoints is converted by HF's own
-conversion script).
+output, [heads, head_dim] for Qwen2's q/k/v biases). Each `Slot` says how an HF tensor is viewed
+(reshape) and transposed into ours. Q and K need no permutation: HF's Llama already stores them
+in the rotate-half layout our rotary embedding uses (the interleaved layout of Meta's original
+checkpoints is converted by HF's own conversion script).
 
 Loading builds every parameter with `jax.make_array_from_callback`: each device's shard is read
 from the memory-mapped file on its own, so no host ever holds more than one tensor's slices, and
@@ -30,6 +30,7 @@ from rlhf_jax.training import sharding as shd
 # Buffers some older checkpoints carry; derived from config.json (rope_theta), not weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 FRESH = (("scalar_head",), ("scalar_bias",))  # ours only: initialised as a fresh model's (zeros)
+Fetch = Callable[[str], np.ndarray]  # HF tensor name -> the tensor (a memory map, or an array)
 
 
 class Slot(NamedTuple):
@@ -47,11 +48,18 @@ def slots(cfg: ModelConfig) -> tuple[list[Slot], list[Slot]]:
                                   (heads * hd, d), (heads, hd, d), (2, 0, 1))
   linear = lambda name, ours, shape: Slot(f"model.layers.{{i}}.mlp.{name}.weight", ("mlp", ours), shape, shape, (1, 0))
   norm = lambda name, ours: Slot(f"model.layers.{{i}}.{name}.weight", (ours, "scale"), (d,), (d,), (0,))
-  layer = [proj("q_proj", nh), proj("k_proj", nkv), proj("v_proj", nkv),
-           Slot("model.layers.{i}.self_attn.o_proj.weight", ("attn", "wo"), (d, nh * hd), (d, nh, hd), (1, 2, 0)),
-           linear("gate_proj", "w_gate", (f, d)), linear("up_proj", "w_up", (f, d)),
-           linear("down_proj", "w_down", (d, f)),
-           norm("input_layernorm", "attn_norm"), norm("post_attention_layernorm", "mlp_norm")]
+  bias = lambda name, heads: Slot(f"model.layers.{{i}}.self_attn.{name}.bias", ("attn", "b" + name[0]),
+                                  (heads * hd,), (heads, hd), (0, 1))
+  head_norm = lambda name: Slot(f"model.layers.{{i}}.self_attn.{name}.weight", ("attn", name, "scale"),
+                                (hd,), (hd,), (0,))
+  layer = []
+  for name, heads in (("q_proj", nh), ("k_proj", nkv), ("v_proj", nkv)):
+    layer += [proj(name, heads)] + ([bias(name, heads)] if cfg.qkv_bias else [])
+  layer += [Slot("model.layers.{i}.self_attn.o_proj.weight", ("attn", "wo"), (d, nh * hd), (d, nh, hd), (1, 2, 0))]
+  layer += [head_norm("q_norm"), head_norm("k_norm")] if cfg.qk_norm else []
+  layer += [linear("gate_proj", "w_gate", (f, d)), linear("up_proj", "w_up", (f, d)),
+            linear("down_proj", "w_down", (d, f)),
+            norm("input_layernorm", "attn_norm"), norm("post_attention_layernorm", "mlp_norm")]
   top = [Slot("model.embed_tokens.weight", ("embedding",), (v, d), (v, d), (0, 1)),
          Slot("model.norm.weight", ("final_norm", "scale"), (d,), (d,), (0,))]
   if not cfg.tie_embeddings:
@@ -89,13 +97,13 @@ def check_tensors(infos: dict[str, tensor_files.TensorInfo], cfg: ModelConfig, h
   for name, info in infos.items():
     if name not in expected and not name.endswith(IGNORED_SUFFIXES) and not (tied_head and name == "lm_head.weight"):
       raise ConfigError(f"{info.path}: unexpected tensor {name} (not a weight of the model config.json "
-                        f"describes: biases and other architectures' weights are not imported)")
+                        f"describes: another architecture's weights, or biases of a model_type without them)")
 
 
-def _reader(infos, slot: Slot, layers: Optional[range] = None) -> Callable[[tuple], np.ndarray]:
+def _reader(fetch: Fetch, slot: Slot, layers: Optional[range] = None) -> Callable[[tuple], np.ndarray]:
   def one(i: Optional[int], index: tuple) -> np.ndarray:
     name = slot.hf if i is None else slot.hf.format(i=i)
-    return np.asarray(to_ours(tensor_files.tensor(infos[name]), slot)[index])
+    return np.asarray(to_ours(fetch(name), slot)[index])
 
   if layers is None:
     return lambda index: one(None, index)
@@ -107,15 +115,22 @@ def load_params(hf_dir: str, cfg: ModelConfig, mesh: Mesh) -> Any:
   """The params of the HF checkpoint in hf_dir, laid out on mesh as our trainers shard them."""
   infos = tensor_files.index_directory(hf_dir)
   check_tensors(infos, cfg, hf_dir)
+  return params_from(lambda name: tensor_files.tensor(infos[name]), cfg, mesh)
+
+
+def params_from(fetch: Fetch, cfg: ModelConfig, mesh: Mesh) -> Any:
+  """The params whose HF tensors fetch(name) gives (HF layout, every name of hf_names(cfg), already
+  checked), laid out on mesh; fetch is called when a device's shard is built, and may be called
+  again for each shard of the same tensor."""
   boxed = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
   shardings = traverse_util.flatten_dict(shd.logical_to_shardings(boxed, mesh))
   top, layer = slots(cfg)
-  readers = {s.path: _reader(infos, s) for s in top}
+  readers = {s.path: _reader(fetch, s) for s in top}
   for s in layer:
     if cfg.scan_layers:
-      readers[("layers",) + s.path] = _reader(infos, s, range(cfg.num_layers))
+      readers[("layers",) + s.path] = _reader(fetch, s, range(cfg.num_layers))
     else:
-      readers |= {(f"layer_{i}",) + s.path: _reader(infos, s._replace(hf=s.hf.format(i=i)))
+      readers |= {(f"layer_{i}",) + s.path: _reader(fetch, s._replace(hf=s.hf.format(i=i)))
                   for i in range(cfg.num_layers)}
   out = {}
   for path, leaf in traverse_util.flatten_dict(nn.meta.unbox(boxed)).items():

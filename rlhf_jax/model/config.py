@@ -27,6 +27,16 @@ class ModelConfig:
   mlp_activation: str = "silu"  # gate of the gated MLP: "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)
   scale_embeddings: bool = False  # embeddings times sqrt(d_model) (Gemma)
   norm_offset: float = 0.0  # RMSNorm multiplies by norm_offset + scale (Gemma stores scale - 1: 1.0)
+  qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+  qk_norm: bool = False  # RMSNorm over head_dim of each query and key head, before rotary (Qwen3)
+  # Rotary frequency scaling for long contexts (HF rope_scaling): "none", "linear" (every frequency
+  # / factor), "llama3" (Llama 3.1: long wavelengths / factor, short ones kept, a smooth ramp between
+  # wavelengths original_max_len / high_freq_factor and original_max_len / low_freq_factor).
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   dtype: str = "float32"  # compute dtype: "bfloat16" for speed on accelerators
   param_dtype: str = "float32"
   scan_layers: bool = False  # nn.scan over layers: constant compile time in depth
@@ -44,6 +54,15 @@ class ModelConfig:
       raise ValueError(f"mlp_activation={self.mlp_activation!r}: expected 'silu' or 'gelu_tanh'")
     if self.attention_impl not in ("xla", "cudnn"):
       raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'cudnn'")
+    if self.rope_scaling not in ("none", "linear", "llama3"):
+      raise ValueError(f"rope_scaling={self.rope_scaling!r}: expected 'none', 'linear' or 'llama3'")
+    if self.rope_scaling != "none" and not self.rope_factor > 0:
+      raise ValueError(f"rope_factor={self.rope_factor} must be positive")
+    if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+      raise ValueError(f"rope_low_freq_factor={self.rope_low_freq_factor} and rope_high_freq_factor="
+                       f"{self.rope_high_freq_factor}: expected 0 < low < high")
+    if self.rope_scaling == "llama3" and self.rope_original_max_len <= 0:
+      raise ValueError(f"rope_original_max_len={self.rope_original_max_len} must be positive")
 
   @classmethod
   def from_dict(cls, d: Any) -> "ModelConfig":
@@ -97,6 +116,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   d, h = cfg.d_model, cfg.head_dim
   attn = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2  # q, o + k, v
   mlp = 3 * d * cfg.mlp_dim  # gate, up, down
+  attn += (cfg.num_heads + 2 * cfg.num_kv_heads) * h if cfg.qkv_bias else 0
+  attn += 2 * h if cfg.qk_norm else 0  # one gain over head_dim for q, one for k
   per_layer = attn + mlp + 2 * d  # two RMSNorm scales
   non_embedding = cfg.num_layers * per_layer + d + d + 1  # final norm + scalar head (w, b)
   embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)

@@ -1,4 +1,5 @@
-"""Decoder-only transformer (Flax linen): RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
+"""Decoder-only transformer (Flax linen): RMSNorm, rotary embeddings, SwiGLU, grouped-query attention,
+and the switches of imported families (q/k/v biases, q/k norms, rotary scaling, Gemma's GeGLU), off by default.
 
 The module is pure: parameters are a pytree, every call is `Transformer(cfg).apply({'params': p}, ...)`.
 Every parameter carries logical axis names; `rlhf_jax.training.sharding` maps them onto a device mesh.
@@ -17,6 +18,7 @@ from typing import Any, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.model.config import ModelConfig
 
@@ -59,10 +61,28 @@ class RMSNorm(nn.Module):
     return (y * gain).astype(self.dtype)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotates pairs (i, i + head_dim/2) of x [batch, seq, heads, head_dim] by position * freq_i."""
-  half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+def rotary_frequencies(cfg: ModelConfig) -> jax.Array:
+  """freq_i [head_dim / 2] = rope_theta ** (-i / (head_dim / 2)), rescaled as cfg.rope_scaling says."""
+  half = cfg.head_dim // 2
+  if cfg.rope_scaling == "none":
+    return cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  # Scaled frequencies are constants of the config: computed once in float64, then rounded.
+  freqs = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+  if cfg.rope_scaling == "llama3":
+    # Llama 3.1: a wavelength 2 pi / freq longer than original_max_len / low_freq_factor is
+    # stretched by the factor, one shorter than original_max_len / high_freq_factor is kept, and
+    # between the two the inverse stretch moves linearly in original_max_len / wavelength.
+    ramp = (cfg.rope_original_max_len * freqs / (2 * np.pi) - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    ramp = np.clip(ramp, 0.0, 1.0)  # 0: stretched, 1: kept
+    freqs = freqs * ((1 - ramp) / cfg.rope_factor + ramp)
+  else:  # linear: positions / factor, i.e. every frequency / factor
+    freqs = freqs / cfg.rope_factor
+  return jnp.asarray(freqs, jnp.float32)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, freqs: jax.Array) -> jax.Array:
+  """Rotates pairs (i, i + head_dim/2) of x [batch, seq, heads, head_dim] by position * freqs[i]."""
   angles = positions.astype(jnp.float32)[..., None] * freqs  # [batch, seq, half]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -91,13 +111,22 @@ class Attention(nn.Module):
     def proj(name, heads, axes):
       w = self.param(name, nn.with_logical_partitioning(_fan_in_init(0, (1, 2)), axes),
                      (d, heads, hd), pdtype)
-      return jnp.einsum("btd,dnh->btnh", x, w.astype(dtype))
+      y = jnp.einsum("btd,dnh->btnh", x, w.astype(dtype))
+      if cfg.qkv_bias:
+        b = self.param("b" + name[1], nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                       (heads, hd), pdtype)
+        y = y + b.astype(dtype)
+      return y
 
     q = proj("wq", nh, ("embed", "heads", "head_dim"))
     k = proj("wk", nkv, ("embed", "kv_heads", "head_dim"))
     v = proj("wv", nkv, ("embed", "kv_heads", "head_dim"))
-    q = rotary_embedding(q, positions, cfg.rope_theta)
-    k = rotary_embedding(k, positions, cfg.rope_theta)
+    if cfg.qk_norm:
+      norm = functools.partial(RMSNorm, cfg.norm_eps, dtype, pdtype, cfg.norm_offset)
+      q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
+    freqs = rotary_frequencies(cfg)
+    q = rotary_embedding(q, positions, freqs)
+    k = rotary_embedding(k, positions, freqs)
 
     new_cache = None
     if layer_cache is not None:

@@ -14,6 +14,7 @@ import ml_collections
 
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
+from rlhf_jax.hf import gguf_model
 from rlhf_jax.model.config import ModelConfig, get_preset
 
 TRAIN_COUNTS = ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
@@ -31,11 +32,13 @@ def _positive(section, key: str, where: str) -> None:
 
 def run_model(run_dir: str, field: str) -> dict:
   """The `model` section of a finished run's config.json (or of a HuggingFace model's, for
-  `hf:DIR`); `field` names the setting that points there, for the error."""
+  `hf:DIR`, or a GGUF file's, for `gguf:FILE`); `field` names the setting that points there, for the error."""
   if not run_dir:
     raise ConfigError(f"{field} is not set: it must name a finished run directory")
   if run_dir.startswith(hf_config.PREFIX):  # a HuggingFace directory, imported when the run starts
     return hf_config.model_of_reference(run_dir, field)
+  if gguf_model.is_gguf(run_dir):  # a GGUF file, likewise
+    return gguf_model.model_of_reference(run_dir, field)
   path = os.path.join(run_dir, "config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"{field}={run_dir}: no config.json there (not a run directory)")

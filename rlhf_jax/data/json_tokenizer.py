@@ -1,0 +1,98 @@
+"""A pretrained model's tokenizer.json (HF `tokenizers`: byte-level BPE of Llama 3, Qwen, SmolLM2),
+behind the interface of rlhf_jax.data.tokenizer.Tokenizer.
+
+Its ids sit in tokenizer_specials.json beside it, written by the import (rlhf_jax.hf): BOS, EOS
+and pad from the model's config, EOC = EOS (a pretrained vocabulary has no spare token; the PM
+reads its score at an EOS appended after the one that ends the response), unk = pad where the
+vocabulary has no unknown token (byte-level BPE never needs one), and `add_bos` where the family
+was pretrained with a BOS at the start of every sequence. `encode` adds no special token: a
+dialogue is encoded turn by turn, and BOS, where it belongs, goes once at the start (bos_prefix).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Iterable, Sequence
+
+from rlhf_jax.errors import ConfigError
+
+JSON_FILE = "tokenizer.json"
+SPECIALS_FILE = "tokenizer_specials.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the model's chat template, where it has one
+COPIED = (JSON_FILE, SPECIALS_FILE, CHAT_TEMPLATE_FILE)
+
+
+def read_specials(path: str, vocab_size: int, tokenizer_path: str) -> dict:
+  """tokenizer_specials.json's ids, each checked to be an id of the tokenizer."""
+  with open(path, encoding="utf-8") as f:
+    ids = json.load(f)
+  out = {"add_bos": bool(ids.get("add_bos", False))}
+  for key in ("pad_id", "unk_id", "eos_id", "eoc_id", "bos_id"):
+    value = ids.get(key)
+    if value is None and key == "bos_id":
+      out[key] = None
+      continue
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+      raise ConfigError(f"{path}: {key}={value!r} is not a token id of {tokenizer_path} ({vocab_size} tokens)")
+    out[key] = value
+  if out["add_bos"] and out["bos_id"] is None:
+    raise ConfigError(f"{path}: add_bos is set but bos_id is not")
+  return out
+
+
+class JsonTokenizer:
+
+  def __init__(self, path: str):
+    import tokenizers  # Rust, no torch; only imported models need it
+    self.path = os.fspath(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(self.path)
+    except Exception as e:  # the library raises a bare Exception for malformed files
+      raise ConfigError(f"{self.path}: not a tokenizer.json the tokenizers library reads ({e})") from None
+    specials = os.path.join(os.path.dirname(self.path), SPECIALS_FILE)
+    if not os.path.exists(specials):
+      raise ConfigError(f"{self.path}: no {SPECIALS_FILE} beside it (a model's tokenizer.json is used through "
+                        f"rlhf_jax.hf's import, which writes its special ids)")
+    ids = read_specials(specials, self.vocab_size, self.path)
+    self.pad_id, self.unk_id, self.eos_id, self.eoc_id = ids["pad_id"], ids["unk_id"], ids["eos_id"], ids["eoc_id"]
+    self.bos_id, self.add_bos = ids["bos_id"], ids["add_bos"]
+    self.pretrained = True
+    self._special = {self.pad_id, self.unk_id, self.eos_id, self.eoc_id, self.bos_id} - {None}
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def bos_prefix(self) -> list[int]:
+    return [self.bos_id] if self.add_bos else []
+
+  def encode_sequence(self, text: str) -> list[int]:
+    """The ids of a text that starts a sequence: BOS first where the model expects one."""
+    return self.bos_prefix() + self.encode(text)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of the ids, special tokens (pad, unknown, BOS, EOS, EOC) left out."""
+    return self._tok.decode([int(i) for i in ids if int(i) not in self._special], skip_special_tokens=False)
+
+  def chat_template(self) -> str | None:
+    path = os.path.join(os.path.dirname(self.path), CHAT_TEMPLATE_FILE)
+    if not os.path.exists(path):
+      return None
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+
+  def copy_to(self, directory: str) -> None:
+    """Writes this tokenizer, its ids and chat template into a run directory."""
+    source = os.path.dirname(self.path)
+    if os.path.exists(os.path.join(directory, "tokenizer.model")):  # another kind's, left by an earlier run
+      os.remove(os.path.join(directory, "tokenizer.model"))
+    for name in COPIED:
+      if os.path.exists(os.path.join(source, name)):
+        shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
