@@ -65,6 +65,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "keep_ties": False,
       "max_examples": 0,  # 0 = all
       "seed": 0,
+      # Dialogues and prompts in an instruction-tuned model's own chat template (rlhf_jax.data.chat);
+      # False keeps hh-rlhf's plain "\n\nHuman: ... \n\nAssistant: ..." text.
+      "chat_template": False,
   })
   c.tokenizer = ml_collections.ConfigDict({"path": ""})  # "" trains one into the workdir
   c.distill = ml_collections.ConfigDict({"prompt": HHH_PROMPT})

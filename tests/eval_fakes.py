@@ -14,5 +14,8 @@ class CharTok:
   def encode_sequence(self, text):
     return self.encode(text)
 
+  def encode_prompt(self, text):
+    return self.encode(text)
+
   def decode(self, ids):
     return "".join(chr(i) for i in ids)

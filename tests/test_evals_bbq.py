@@ -241,6 +241,9 @@ class _Tok:
   def encode_sequence(self, text):
     return self.encode(text)
 
+  def encode_prompt(self, text):
+    return self.encode(text)
+
 
 def test_predictions_are_the_argmax_of_planted_sums():
   records = [_record("ambig", "neg", 2), _record("disambig", "neg", 1, category="Religion"),

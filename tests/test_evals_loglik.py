@@ -128,6 +128,9 @@ class _Tok:
   def encode_sequence(self, text):
     return self.encode(text)
 
+  def encode_prompt(self, text):
+    return self.encode(text)
+
 
 def test_requests_move_trailing_space_to_the_continuation_and_empty_context_is_eos():
   reqs = encode_requests(_Tok(), ["The nurse was a ", ""], ["man", "Hello"])

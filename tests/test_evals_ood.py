@@ -119,6 +119,9 @@ class _Tok:
   def encode_sequence(self, text):
     return self.encode(text)
 
+  def encode_prompt(self, text):
+    return self.encode(text)
+
 
 def test_evaluate_splits_prompts_and_equals_detect_on_the_same_features():
   inside = [f"question number {i}" for i in range(30)]

@@ -59,6 +59,15 @@ class _Tok:
   def encode(self, text):
     return list(text.encode())
 
+  def bos_prefix(self):  # no BOS, as a tokenizer trained here
+    return []
+
+  def encode_sequence(self, text):
+    return self.encode(text)
+
+  def encode_prompt(self, text):
+    return self.encode(text)
+
   @staticmethod
   def decode(ids):
     return bytes(ids).decode()

@@ -92,6 +92,15 @@ class _Tok:
   def encode(self, text):
     return [ord(ch) - 90 for ch in text if "a" <= ch <= "z"] or [7]
 
+  def bos_prefix(self):  # no BOS, as a tokenizer trained here
+    return []
+
+  def encode_sequence(self, text):
+    return self.encode(text)
+
+  def encode_prompt(self, text):
+    return self.encode(text)
+
   def decode(self, ids):
     return "".join(chr(i + 90) for i in ids if i >= 7)
 

@@ -3,7 +3,10 @@
   hh_rlhf/        hh-rlhf: upstream catalog and checksums, validated readers, TFDS builder, sample
   locations.py    where local copies of the data sets live (one setting: $RLHF_JAX_DATA_DIR)
   dialogue.py     dialogue turns and the (prompt, chosen, rejected) split
-  tokenizer.py    SentencePiece, trained on the corpus or a pretrained model's; special tokens
+  tokenizer.py    SentencePiece, trained on the corpus or a pretrained model's; special tokens;
+                  load_tokenizer, which picks the kind a run directory holds
+  json_tokenizer.py  a pretrained model's tokenizer.json (byte-level BPE) behind the same calls
+  chat.py         dialogues and prompts in a model's chat template (data.chat_template)
   batching.py     encoding with loss masks, truncation, packing, seeded resumable order
   lm_data.py      dialogue records and their LM batches (pretraining, SFT)
   pm_data.py      comparison batches ([batch, K, seq], best first), DPO's response-only pairs

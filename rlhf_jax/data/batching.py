@@ -25,6 +25,8 @@ def encode_dialogue(tok: Tokenizer, dialogue: str, *, assistant_only: bool) -> E
   assistant_only: targets are the Assistant turns' texts and the final EOS (SFT);
   otherwise every token is a target (pretraining, distillation).
   """
+  if hasattr(tok, "encode_chat_dialogue"):  # data.chat_template: the model's own format
+    return Encoded(*tok.encode_chat_dialogue(dialogue, assistant_only=assistant_only))
   tokens = tok.bos_prefix()
   mask = [False] * len(tokens)
   for turn in parse_turns(dialogue):

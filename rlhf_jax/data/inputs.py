@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 from rlhf_jax.data.batching import Batcher
+from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.data.lm_data import build_lm_batchers, load_or_train_tokenizer, train_eval_records
 from rlhf_jax.data.pm_data import PMBatcher, encode_comparison, encode_pair, split_in_halves
 from rlhf_jax.data.prompts import (
@@ -69,7 +70,7 @@ def eval_comparisons(config, workdir: str) -> tuple[Tokenizer, PMBatcher]:
 
 
 def policy_tokenizer(config) -> Tokenizer:
-  return same_tokenizer(config.policy_from, config.pm_dir, *config.eval.pm_dirs)
+  return with_chat_format(same_tokenizer(config.policy_from, config.pm_dir, *config.eval.pm_dirs), config)
 
 
 def trainer_data(config, workdir: str, kind: str) -> TrainerData:

@@ -71,6 +71,13 @@ class JsonTokenizer:
     """The ids of a text that starts a sequence: BOS first where the model expects one."""
     return self.bos_prefix() + self.encode(text)
 
+  def encode_prompt(self, text: str) -> list[int]:
+    """A prompt to sample a response after (chat-formatted by rlhf_jax.data.chat where asked)."""
+    return self.encode_sequence(text)
+
+  def token_text(self, token_id: int) -> str:
+    return self._tok.id_to_token(token_id)
+
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 

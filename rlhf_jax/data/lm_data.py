@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from rlhf_jax.data.batching import Batcher, Encoded, encode_dialogue, pack
+from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.data.hh_rlhf.load import load_split
 from rlhf_jax.data.hh_rlhf.records import read_comparisons
 from rlhf_jax.data.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, train_tokenizer
@@ -80,7 +81,7 @@ def load_or_train_tokenizer(config, texts: list[str], workdir: str) -> Tokenizer
   if tok.vocab_size > config.model.vocab_size or (tok.vocab_size < config.model.vocab_size and not tok.pretrained):
     raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size is "
                      f"{config.model.vocab_size}")
-  return tok
+  return with_chat_format(tok, config)
 
 
 def _encode(tok: Tokenizer, records: list[dict], objective: str, seq_len: int) -> list[Encoded]:

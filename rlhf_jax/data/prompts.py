@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from rlhf_jax.data.batching import Batcher, Encoded
+from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.data.dialogue import human_turns_prompt
 from rlhf_jax.data.hh_rlhf.records import read_prompts
 from rlhf_jax.data.lm_data import train_eval_records
@@ -52,7 +53,7 @@ def prompts_per_iteration(config) -> int:
 
 
 def prompt_batcher(config, tok: Tokenizer, texts: list[str], batch_size: int) -> PromptBatcher:
-  return PromptBatcher([Encoded(tok.encode_sequence(t), []) for t in texts], batch_size=batch_size,
+  return PromptBatcher([Encoded(tok.encode_prompt(t), []) for t in texts], batch_size=batch_size,
                        seq_len=config.sampling.prompt_len, seed=config.train.seed, pad_id=tok.pad_id)
 
 
@@ -65,4 +66,4 @@ def eval_prompt_batcher(config, tok: Tokenizer, eval_texts: list[str]) -> Prompt
 
 def held_out_prompts(config, tok: Tokenizer, workdir: str) -> PromptBatcher:
   """eval_prompt_batcher of a policy trainer's config: what its evaluations sampled on."""
-  return eval_prompt_batcher(config, tok, prompt_texts(config, workdir)[1])
+  return eval_prompt_batcher(config, with_chat_format(tok, config), prompt_texts(config, workdir)[1])

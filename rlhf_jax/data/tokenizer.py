@@ -81,6 +81,13 @@ class Tokenizer:
     """The ids of a text that starts a sequence: BOS first where the model expects one."""
     return self.bos_prefix() + self.encode(text)
 
+  def encode_prompt(self, text: str) -> list[int]:
+    """A prompt to sample a response after (chat-formatted by rlhf_jax.data.chat where asked)."""
+    return self.encode_sequence(text)
+
+  def token_text(self, token_id: int) -> str:
+    return self._sp.id_to_piece(token_id)
+
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 

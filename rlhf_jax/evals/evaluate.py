@@ -33,7 +33,7 @@ def _policy_ref(ref: str) -> tuple[str, int | None]:
 def elo_prompts(tok: Tokenizer, texts: list[str], prompt_len: int) -> dict:
   from rlhf_jax.data.batching import Encoded
   from rlhf_jax.data.prompts import PromptBatcher
-  return PromptBatcher([Encoded(tok.encode_sequence(t), []) for t in texts], batch_size=len(texts), seq_len=prompt_len,
+  return PromptBatcher([Encoded(tok.encode_prompt(t), []) for t in texts], batch_size=len(texts), seq_len=prompt_len,
                        seed=0, pad_id=tok.pad_id).in_order()[0]
 
 

@@ -31,6 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.experiments import stage_configs, sweep
 from rlhf_jax.experiments.simulated_labeller import expected_agreement, noisy_preferences, tau_for_agreement
@@ -124,7 +125,7 @@ def _labels_stage(config, workdir: str, arm: str, size: str, seed: int, r: int) 
     from rlhf_jax.data.tokenizer import same_tokenizer
     from rlhf_jax.training.saved_runs import load_policy
     mesh = shd.make_mesh(rl.mesh.shape)
-    tok = same_tokenizer(initial, gold_dir)
+    tok = with_chat_format(same_tokenizer(initial, gold_dir), rl)
     train_prompts, _ = prompt_texts(rl, d)
     start = r * n  # fresh prompts every round (cycling when they run out)
     prompts = [train_prompts[(start + i) % len(train_prompts)] for i in range(n)]

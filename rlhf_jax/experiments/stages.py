@@ -44,7 +44,7 @@ ADDED_WITH_NEUTRAL_DEFAULT = {"train.grad_accum": 1, "algorithm": "ppo", "ppo.sa
                               "model.norm_offset": 0.0, "model.qkv_bias": False, "model.qk_norm": False,
                               "model.rope_scaling": "none", "model.rope_factor": 1.0,
                               "model.rope_low_freq_factor": 1.0, "model.rope_high_freq_factor": 4.0,
-                              "model.rope_original_max_len": 8192}
+                              "model.rope_original_max_len": 8192, "data.chat_template": False}
 # Settings that moved to another section: a finished stage's record is read with them in their new
 # place, so sweeps cached before the move still resume (the sampling of PPO and DPO runs, once
 # ppo.* and DPO's reduced copy of it, is one `sampling` section).

@@ -42,6 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.data.lm_data import train_eval_records
 from rlhf_jax.data.tokenizer import Tokenizer, train_tokenizer
 from rlhf_jax.errors import ConfigError
@@ -112,7 +113,7 @@ def gold_labels(policy, gold, tok: Tokenizer, prompts: list[str], *, num_pairs: 
   while len(records) + ties < num_pairs:
     chunk = [prompts[(start + i) % len(prompts)] for i in range(min(batch_size, num_pairs - len(records) - ties))]
     start += len(chunk)
-    batch = PromptBatcher([Encoded(tok.encode_sequence(p), []) for p in chunk], batch_size=len(chunk),
+    batch = PromptBatcher([Encoded(tok.encode_prompt(p), []) for p in chunk], batch_size=len(chunk),
                           seq_len=prompt_len, seed=0, pad_id=tok.pad_id).in_order()[0]
     rng, key = jax.random.split(rng)
     gen = generate(policy.params, np.repeat(batch["tokens"], 2, axis=0),
@@ -149,7 +150,7 @@ def _labels_stage(config, workdir: str, name: str) -> Stage:
     from rlhf_jax.data.tokenizer import same_tokenizer
     mesh = shd.make_mesh(rl.mesh.shape)
     policy, gold_dir = policy_dir(config, workdir, policy_name), os.path.join(workdir, f"pm_{GOLD}")
-    tok = same_tokenizer(policy, gold_dir)
+    tok = with_chat_format(same_tokenizer(policy, gold_dir), rl)
     train_prompts, _ = prompt_texts(rl, d)  # labels only on training prompts; PPO evaluates on the rest
     records, report = gold_labels(
         _frozen(policy, mesh), _frozen(gold_dir, mesh), tok, train_prompts, num_pairs=lab.num_pairs,
