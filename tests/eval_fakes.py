@@ -1,21 +1,14 @@
 """Stand-ins the evaluation tests share."""
 
+from rlhf_jax.data.sequence_start import SequenceStart
 
-class CharTok:
+
+class CharTok(SequenceStart):
   """One token per character, so requests decode back to their text exactly."""
   eos_id = 2
 
   def encode(self, text):
     return [ord(ch) for ch in text]
-
-  def bos_prefix(self):  # no BOS, as a tokenizer trained here
-    return []
-
-  def encode_sequence(self, text):
-    return self.encode(text)
-
-  def encode_prompt(self, text):
-    return self.encode(text)
 
   def decode(self, ids):
     return "".join(chr(i) for i in ids)

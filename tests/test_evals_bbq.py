@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import locations
+from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.errors import ConfigError, DataError
 from rlhf_jax.evals import bbq
 
@@ -229,20 +230,11 @@ class _PlantedScorer:
     return self.sums
 
 
-class _Tok:
+class _Tok(SequenceStart):
   eos_id = 2
 
   def encode(self, text):
     return list(text.encode())
-
-  def bos_prefix(self):  # no BOS, as a tokenizer trained here
-    return []
-
-  def encode_sequence(self, text):
-    return self.encode(text)
-
-  def encode_prompt(self, text):
-    return self.encode(text)
 
 
 def test_predictions_are_the_argmax_of_planted_sums():

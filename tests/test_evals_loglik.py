@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.evals.loglik import Scorer, bucket_length, encode_requests
 from rlhf_jax.model.config import ModelConfig
 from rlhf_jax.model.transformer import Transformer, init_params
@@ -116,20 +117,11 @@ def test_scanned_layers_give_the_same_activations_as_unrolled_ones(params):
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-class _Tok:
+class _Tok(SequenceStart):
   eos_id = 2
 
   def encode(self, text):
     return [ord(ch) for ch in text]
-
-  def bos_prefix(self):  # no BOS, as a tokenizer trained here
-    return []
-
-  def encode_sequence(self, text):
-    return self.encode(text)
-
-  def encode_prompt(self, text):
-    return self.encode(text)
 
 
 def test_requests_move_trailing_space_to_the_continuation_and_empty_context_is_eos():

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.errors import DataError
 from rlhf_jax.evals import ood
 
@@ -109,18 +110,9 @@ class _FeatureScorer:
     return np.array([[len(t), sum(t) % 7, t[0] % 5] for t in token_lists], np.float64)
 
 
-class _Tok:
+class _Tok(SequenceStart):
   def encode(self, text):
     return [ord(c) for c in text]
-
-  def bos_prefix(self):  # no BOS, as a tokenizer trained here
-    return []
-
-  def encode_sequence(self, text):
-    return self.encode(text)
-
-  def encode_prompt(self, text):
-    return self.encode(text)
 
 
 def test_evaluate_splits_prompts_and_equals_detect_on_the_same_features():

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.errors import DataError
 from rlhf_jax.evals import winogender
 
@@ -53,20 +54,11 @@ class _PlantedScorer:
     return np.array([self.female.get(_Tok.decode(t), -1.0) for _, t in requests])
 
 
-class _Tok:
+class _Tok(SequenceStart):
   eos_id = 2
 
   def encode(self, text):
     return list(text.encode())
-
-  def bos_prefix(self):  # no BOS, as a tokenizer trained here
-    return []
-
-  def encode_sequence(self, text):
-    return self.encode(text)
-
-  def encode_prompt(self, text):
-    return self.encode(text)
 
   @staticmethod
   def decode(ids):

@@ -11,6 +11,7 @@ import pytest
 from conftest import micro_sweep_config
 
 from rlhf_jax.analysis.results import load_results
+from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.experiments import stage_configs, stages, sweep
 from rlhf_jax.model.config import param_counts
 from rlhf_jax.training import metrics
@@ -85,21 +86,12 @@ def test_bad_sweep_configs_are_named(tmp_path):
     sweep.plan(micro_sweep_config(rloo={"ppo": {"group": 4}}), str(tmp_path))
 
 
-class _Tok:
+class _Tok(SequenceStart):
   """Characters as tokens: id = ord(c) - 90 for 'a'..'z' (ids 7..32); 0 pad, 2 EOS, 3 EOC."""
   pad_id, eos_id, eoc_id = 0, 2, 3
 
   def encode(self, text):
     return [ord(ch) - 90 for ch in text if "a" <= ch <= "z"] or [7]
-
-  def bos_prefix(self):  # no BOS, as a tokenizer trained here
-    return []
-
-  def encode_sequence(self, text):
-    return self.encode(text)
-
-  def encode_prompt(self, text):
-    return self.encode(text)
 
   def decode(self, ids):
     return "".join(chr(i + 90) for i in ids if i >= 7)

@@ -6,6 +6,7 @@
   tokenizer.py    SentencePiece, trained on the corpus or a pretrained model's; special tokens;
                   load_tokenizer, which picks the kind a run directory holds
   json_tokenizer.py  a pretrained model's tokenizer.json (byte-level BPE) behind the same calls
+  sequence_start.py  what every tokenizer shares: BOS where a sequence starts, prompts
   chat.py         dialogues and prompts in a model's chat template (data.chat_template)
   batching.py     encoding with loss masks, truncation, packing, seeded resumable order
   lm_data.py      dialogue records and their LM batches (pretraining, SFT)

@@ -15,6 +15,7 @@ import os
 import shutil
 from typing import Iterable, Sequence
 
+from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.errors import ConfigError
 
 JSON_FILE = "tokenizer.json"
@@ -41,7 +42,7 @@ def read_specials(path: str, vocab_size: int, tokenizer_path: str) -> dict:
   return out
 
 
-class JsonTokenizer:
+class JsonTokenizer(SequenceStart):
 
   def __init__(self, path: str):
     import tokenizers  # Rust, no torch; only imported models need it
@@ -63,17 +64,6 @@ class JsonTokenizer:
   @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
-
-  def bos_prefix(self) -> list[int]:
-    return [self.bos_id] if self.add_bos else []
-
-  def encode_sequence(self, text: str) -> list[int]:
-    """The ids of a text that starts a sequence: BOS first where the model expects one."""
-    return self.bos_prefix() + self.encode(text)
-
-  def encode_prompt(self, text: str) -> list[int]:
-    """A prompt to sample a response after (chat-formatted by rlhf_jax.data.chat where asked)."""
-    return self.encode_sequence(text)
 
   def token_text(self, token_id: int) -> str:
     return self._tok.id_to_token(token_id)

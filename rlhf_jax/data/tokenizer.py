@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from rlhf_jax.data.json_tokenizer import CHAT_TEMPLATE_FILE, JSON_FILE, SPECIALS_FILE, JsonTokenizer
+from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.errors import ConfigError
 
 PAD_ID, UNK_ID, EOS_ID, EOC_ID = 0, 1, 2, 3
@@ -34,7 +35,7 @@ MODEL_FILE = "tokenizer.model"
 TOKENIZER_FILES = (MODEL_FILE, JSON_FILE)  # a run directory holds one of them
 
 
-class Tokenizer:
+class Tokenizer(SequenceStart):
 
   def __init__(self, model_path: str):
     self.path = os.fspath(model_path)
@@ -70,20 +71,8 @@ class Tokenizer:
 
   pad_id, unk_id, eos_id, eoc_id = PAD_ID, UNK_ID, EOS_ID, EOC_ID  # an imported model's: its own
 
-  def bos_prefix(self) -> list[int]:
-    """[BOS] where the model was pretrained with one opening every sequence, else []."""
-    return [self.bos_id] if self.add_bos else []
-
   def chat_template(self) -> None:
     return None  # SentencePiece models imported here carry none
-
-  def encode_sequence(self, text: str) -> list[int]:
-    """The ids of a text that starts a sequence: BOS first where the model expects one."""
-    return self.bos_prefix() + self.encode(text)
-
-  def encode_prompt(self, text: str) -> list[int]:
-    """A prompt to sample a response after (chat-formatted by rlhf_jax.data.chat where asked)."""
-    return self.encode_sequence(text)
 
   def token_text(self, token_id: int) -> str:
     return self._sp.id_to_piece(token_id)
