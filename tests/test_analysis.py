@@ -154,6 +154,9 @@ def test_load_results_round_trip(tmp_path):
   _write_results(tmp_path, rows, extra_lines=[""])
   assert sweep_results.load_results(str(tmp_path)) == rows
   assert sweep_results.load_results(str(tmp_path / "results.jsonl")) == rows
+  checkpoint = [{**row, "source": "hf:models/smollm2", "source_hash": "ab12"} for row in rows]
+  _write_results(tmp_path, checkpoint)  # a size that is a checkpoint: its rows carry two more keys
+  assert sweep_results.load_results(str(tmp_path)) == checkpoint
 
 
 _GOOD = {"size": "s1", "params": 10, "method": "ppo", "step": 3, "kl": 4.0, "sqrt_kl": 2.0,
@@ -170,6 +173,8 @@ _GOOD = {"size": "s1", "params": 10, "method": "ppo", "step": 3, "kl": 4.0, "sqr
     ({"gold_reward": None}, "gold_reward"),
     ({"proxy_reward": float("nan")}, "proxy_reward"),
     ({"sqrt_kl": 4.0}, "sqrt_kl"),  # not sqrt(kl)
+    ({"source": ""}, "source"),  # a checkpoint size's provenance, when a row has it
+    ({"source_hash": 12}, "source_hash"),
 ])
 def test_load_results_bad_row_names_file_line_and_field(tmp_path, change, field):
   bad = {**_GOOD, **change}

@@ -25,6 +25,9 @@ _INT_FIELDS = ("params", "step")
 _FLOAT_FIELDS = ("kl", "sqrt_kl", "proxy_reward", "gold_reward")
 
 
+_SOURCE_FIELDS = ("source", "source_hash")  # the checkpoint of a size that is one, and its content hash
+
+
 def _check_row(row, where: str) -> dict:
   if not isinstance(row, dict):
     raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -45,6 +48,9 @@ def _check_row(row, where: str) -> dict:
     v = row.get(field)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
       raise bad(field, f"missing or not a finite number: {v!r}")
+  for field in _SOURCE_FIELDS:  # only a size that is a checkpoint has them
+    if field in row and (not isinstance(row[field], str) or not row[field]):
+      raise bad(field, f"not a non-empty string: {row[field]!r}")
   if row["sqrt_kl"] < 0:
     raise bad("sqrt_kl", f"is negative: {row['sqrt_kl']!r}")
   # A sampled KL estimate can come out slightly negative; sqrt_kl is then expected to be 0.

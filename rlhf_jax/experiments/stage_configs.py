@@ -9,6 +9,7 @@ import ml_collections
 
 from rlhf_jax.data.tokenizer import MODEL_FILE
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.experiments import checkpoint_sizes
 from rlhf_jax.experiments.stages import override
 from rlhf_jax.model.config import ModelConfig, get_preset
 
@@ -19,9 +20,10 @@ RL_METHODS = ("ppo", "rloo", "grpo", "dpo")  # best-of-N ("bon") runs for every 
 
 
 def model_config(config, name: str) -> ModelConfig:
-  """config.models[name]: ModelConfig fields over a preset (its own "preset" key, or base_preset)."""
-  if name not in config.models:
-    raise ConfigError(f"size {name!r} has no entry in config.models (known: {sorted(config.models)})")
+  """config.models[name]: ModelConfig fields over a preset (its own "preset" key, or base_preset), or
+  the model of the checkpoint it names (experiments.checkpoint_sizes)."""
+  if checkpoint_sizes.source(config, name):
+    return checkpoint_sizes.model_config(config, name)
   spec = dict(config.models[name])
   base = get_preset(spec.pop("preset", config.base_preset))
   return ModelConfig.from_dict({**base.to_dict(), **spec})
@@ -42,7 +44,8 @@ def _stage_config(module, config, workdir: str, name: str, *sections: str) -> ml
 def lm_config(config, workdir: str, name: str):
   from configs import lm
   c = _stage_config(lm, config, workdir, name, "lm")
-  c.tokenizer.path = os.path.join(workdir, "tokenizer", MODEL_FILE)
+  # A checkpoint size's runs inherit the checkpoint's tokenizer through init_from.
+  c.tokenizer.path = "" if checkpoint_sizes.source(config, name) else os.path.join(workdir, "tokenizer", MODEL_FILE)
   return c
 
 

@@ -19,11 +19,16 @@ same KL-penalised reward; "dpo" (rlhf_jax.trainers.train_dpo, one stage per beta
 the comparisons the proxy PM is trained on. Every method is evaluated by the same function on the
 same held-out prompts (KL against the initial policy, proxy and gold PM), beside best-of-N.
 
+A size may name a checkpoint instead of a model to pretrain (config.models.<size> = {"from":
+"hf:DIR"} or {"from": "gguf:FILE"}, rlhf_jax.experiments.checkpoint_sizes): its lm_<size> stage imports
+it, and the sweep's tokenizer is the checkpoints' (every size and gold then names one, all with one
+tokenizer); its results rows carry `source` and `source_hash`.
+
 Each size's initial policy is its pretrained LM, or, with config.sft.objective = "sft" or
 "distill", that LM fine-tuned on the Assistant turns or context-distilled (Bai et al. start RLHF
 from context-distilled models); PMs start from the pretrained LM.
 
-Stages (rlhf_jax.experiments.stages), each in its own subdirectory: tokenizer, lm_<size>, [sft_<size>],
+Stages (rlhf_jax.experiments.stages), each in its own subdirectory: [tokenizer], lm_<size>, [sft_<size>],
 pm_gold, [labels_<size>], pm_<size>, ppo_<size>, [rloo_<size>, grpo_<size>, dpo_<size>_beta<b>],
 bon_<size>, [evals_<size>: rlhf_jax.evals.stage].
 A finished stage is skipped on a rerun and an interrupted one resumes from its last checkpoint, so
@@ -46,6 +51,7 @@ from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.data.lm_data import train_eval_records
 from rlhf_jax.data.tokenizer import Tokenizer, train_tokenizer
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.experiments import checkpoint_sizes
 from rlhf_jax.experiments.stage_configs import (
   GOLD,
   dpo_config,
@@ -237,8 +243,9 @@ def _evals_stage(config, workdir: str, name: str) -> Stage:
 
 
 def base_stages(config, workdir: str) -> list[Stage]:
-  """What every experiment on these sizes starts from: the tokenizer, each size's LM and gold LM,
-  the initial policies (SFT / distilled) and the gold PM."""
+  """What every experiment on these sizes starts from: the tokenizer, each size's LM and gold LM
+  (or, for checkpoint sizes, their imports and no tokenizer stage), the initial policies (SFT /
+  distilled) and the gold PM."""
   from rlhf_jax.trainers import train_lm, train_pm
   if config.setup not in ("gold_pm", "halves"):
     raise ConfigError(f"setup={config.setup!r}: expected 'gold_pm' or 'halves'")
@@ -246,11 +253,18 @@ def base_stages(config, workdir: str) -> list[Stage]:
     raise ConfigError("config.sizes is empty")
   if GOLD in config.sizes:
     raise ConfigError(f"{GOLD!r} names the gold PM's size; rename that entry of config.sizes")
-  vocab = {name: model_config(config, name).vocab_size for name in (*config.sizes, GOLD)}  # fail now,
-  if len(set(vocab.values())) > 1:  # not after hours of earlier stages
+  # One tokenizer for every size, checked now rather than after hours of earlier stages.
+  checkpoints = checkpoint_sizes.all_checkpoints(config, (*config.sizes, GOLD))
+  vocab = {name: model_config(config, name).vocab_size for name in (*config.sizes, GOLD)}
+  if len(set(vocab.values())) > 1:
     raise ConfigError(f"every size shares one tokenizer, but vocab_size differs: {vocab}")
-  stages = [_tokenizer_stage(config, workdir)]
-  stages += [trained(f"lm_{n}", train_lm.train, lm_config(config, workdir, n), workdir) for n in (*config.sizes, GOLD)]
+  if checkpoints:  # each LM is its checkpoint, imported; the tokenizer is theirs
+    stages = [checkpoint_sizes.import_stage(config, workdir, n, lm_config(config, workdir, n).mesh.shape)
+              for n in (*config.sizes, GOLD)]
+  else:
+    stages = [_tokenizer_stage(config, workdir)]
+    stages += [trained(f"lm_{n}", train_lm.train, lm_config(config, workdir, n), workdir)
+               for n in (*config.sizes, GOLD)]
   if config.sft.objective:
     stages += [trained(f"sft_{n}", train_lm.train, sft_config(config, workdir, n), workdir) for n in config.sizes]
   stages.append(trained(f"pm_{GOLD}", train_pm.train, pm_config(config, workdir, GOLD), workdir))
@@ -326,7 +340,8 @@ def collect_results(config, workdir: str) -> list[dict]:
   gold_key = f"pm_{GOLD}_reward"
   rows = []
   for name in config.sizes:
-    base = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"]}
+    base = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"],
+            **checkpoint_sizes.provenance(config, workdir, name)}
     for method in methods(config):
       if method == "dpo":
         for b in config.dpo.betas:

@@ -8,6 +8,7 @@ May import: errors, model, data, training.
   weights.py       their tensor names and layouts <-> our params, loaded straight onto a mesh
   gguf_model.py    a llama.cpp GGUF file: its metadata -> ModelConfig, its tensors dequantised under HF names
   gguf_tokenizer.py  a GGUF file's byte-level BPE vocabulary -> tokenizer.json, special ids, chat template
-  runs.py          `hf:DIR` or `gguf:FILE` -> an imported run directory (cached), for init_from / policy_from
+  runs.py          `hf:DIR` or `gguf:FILE` -> an imported run directory (cached), for init_from / policy_from;
+                   a checkpoint's content hash, model and tokenizer bytes
   import_model.py, export_model.py   the jobs hf_import and hf_export
 """

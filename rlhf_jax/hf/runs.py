@@ -8,6 +8,8 @@ $RLHF_JAX_HF_IMPORT_DIR if set (share it between runs: each import is a float32 
 weights), else <workdir>/hf_import. The hash covers the source files' sizes and times and the
 settings below, so a changed checkpoint or another layout is imported afresh. `gguf:FILE` names a
 llama.cpp GGUF file instead (rlhf_jax.hf.gguf_model, gguf_tokenizer), imported into the same cache.
+A sweep size that is a checkpoint (rlhf_jax.experiments.checkpoint_sizes) is imported with
+`import_into` into its own stage directory instead, named in its settings by `content_hash`.
 
 An imported run directory holds config.json (an LM run's config whose model is the checkpoint's),
 checkpoints/0 (the params, including a fresh scalar head: zeros, as a new model's), tokenizer.model
@@ -26,7 +28,7 @@ import jax
 import ml_collections
 import sentencepiece as spm
 
-from rlhf_jax.data.tokenizer import CHAT_TEMPLATE_FILE, JSON_FILE, MODEL_FILE, SPECIALS_FILE
+from rlhf_jax.data.tokenizer import CHAT_TEMPLATE_FILE, JSON_FILE, MODEL_FILE, SPECIALS_FILE, tokenizer_file
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
 from rlhf_jax.hf import gguf_model, gguf_tokenizer, tensor_files, weights
@@ -179,13 +181,67 @@ def _write_json(path: str, value) -> None:
     f.write("\n")
 
 
+def source_path(ref: str) -> str:
+  """The directory of `hf:DIR`, the file of `gguf:FILE` (a bare path: itself), checked to exist."""
+  gguf = gguf_model.is_gguf(ref)
+  path = ref[len(gguf_model.PREFIX if gguf else PREFIX):] if gguf or is_hf(ref) else ref
+  if not os.path.exists(path):
+    raise ConfigError(f"{ref}: {path} does not exist")
+  return path
+
+
+def import_into(ref: str, out_dir: str, runtime: Optional[dict] = None,
+                mesh_shape: Sequence[int] = (1, -1, 1)) -> str:
+  """Imports `hf:DIR` or `gguf:FILE` as the new run directory out_dir."""
+  path = source_path(ref)
+  return (import_gguf if gguf_model.is_gguf(ref) else import_model)(path, out_dir, runtime, mesh_shape)
+
+
+def reference_model(ref: str, runtime: Optional[dict] = None) -> ModelConfig:
+  """The ModelConfig of `hf:DIR` or `gguf:FILE` (its metadata alone, no weight read), with runtime fields."""
+  path = source_path(ref)
+  if gguf_model.is_gguf(ref):
+    return gguf_model.model_config(gguf_model.GGUFFile(path), runtime)
+  return hf_config.model_config(path, runtime)
+
+
+def tokenizer_bytes(ref: str) -> bytes:
+  """The tokenizer file an import of `ref` writes into its run directory, as the bytes that
+  data.tokenizer.same_tokenizer compares between runs."""
+  path = source_path(ref)
+  if gguf_model.is_gguf(ref):
+    return gguf_tokenizer.tokenizer_json(gguf_model.GGUFFile(path)).encode("utf-8")
+  with open(tokenizer_file(path), "rb") as f:
+    return f.read()
+
+
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def content_hash(ref: str) -> str:
+  """The sha256 of what an import of `ref` reads: a GGUF file's bytes; of a directory, the name,
+  size and sha256 of each of its config, tokenizer and weight files. Unlike the import cache's key
+  (sizes and times) it names the checkpoint itself: a copy elsewhere hashes the same, an edited
+  byte does not. Every byte is read, each time."""
+  path = source_path(ref)
+  if os.path.isfile(path):
+    return _file_sha256(path)
+  files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".json", ".model", ".jinja")))
+  text = json.dumps([(f, os.path.getsize(os.path.join(path, f)), _file_sha256(os.path.join(path, f)))
+                     for f in files])
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def imported(ref: str, cache_dir: str, runtime: Optional[dict] = None,
              mesh_shape: Sequence[int] = (1, -1, 1)) -> str:
   """The run directory of `hf:DIR` (or `gguf:FILE`) in cache_dir, imported now unless it already is."""
   gguf = gguf_model.is_gguf(ref)
-  hf_dir = ref[len(gguf_model.PREFIX if gguf else PREFIX):] if gguf or is_hf(ref) else ref
-  if not os.path.exists(hf_dir):
-    raise ConfigError(f"{ref}: {hf_dir} does not exist")
+  hf_dir = source_path(ref)
   defaults = ModelConfig()  # unset runtime fields at their defaults: one import for equal settings
   runtime = {k: (runtime or {}).get(k, getattr(defaults, k)) for k in hf_config.RUNTIME_FIELDS}
   name = os.path.basename(os.path.normpath(os.path.abspath(hf_dir))).removesuffix(".gguf")
