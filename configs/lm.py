@@ -63,11 +63,20 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       # Comparisons whose chosen and rejected texts are identical: no preference to learn, and
       # always wrong in accuracy; left out (and counted) unless kept.
       "keep_ties": False,
-      "max_examples": 0,  # 0 = all
+      "max_examples": 0,  # 0 = all (dialogues, or the corpus's documents)
       "seed": 0,
       # Dialogues and prompts in an instruction-tuned model's own chat template (rlhf_jax.data.chat);
       # False keeps hh-rlhf's plain "\n\nHuman: ... \n\nAssistant: ..." text.
       "chat_template": False,
+      # Pretraining on a text corpus instead of the dialogues (rlhf_jax.data.corpus): comma-separated
+      # local files or http(s) URLs of .jsonl / .json (JSON Lines) or .txt (one document a file), .gz
+      # or not, or tfds:NAME[:SPLIT]. Read in order (assumed shuffled), tokenised once into the cache.
+      # "" = the hh-rlhf dialogues. SFT and distillation always read the dialogues.
+      "corpus": "",
+      "corpus_field": "text",  # where a JSON line (or a TFDS example) holds its text
+      "corpus_eval_rows": 128,  # the first rows of train.seq_len tokens, held out for evaluation
+      "corpus_cache_dir": "",  # downloads and token caches; "" = <workdir>/corpus (share one across runs)
+      "corpus_tokenizer_chars": 20_000_000,  # a tokenizer trained here learns from this many characters
   })
   c.tokenizer = ml_collections.ConfigDict({"path": ""})  # "" trains one into the workdir
   c.distill = ml_collections.ConfigDict({"prompt": HHH_PROMPT})

@@ -7,6 +7,7 @@ Typical: --config.init_from=runs/lm_tiny (start from a trained LM, reuse its tok
 import ml_collections
 
 from configs import lm
+from configs.lora import lora_config
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -22,5 +23,6 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data.half_seed = 0
   c.pmp = ml_collections.ConfigDict({"path": "", "steps": 100})
   c.calibration_bins = 10
+  c.lora = lora_config()  # adapters over init_from instead of training every weight
   c.workdir = f"runs/pm_{preset}"
   return c

@@ -6,6 +6,7 @@ Required: --config.policy_from=RUN (an LM run: SFT or context-distilled) and --c
 import ml_collections
 
 from configs import lm
+from configs.lora import lora_config
 
 
 def sampling_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -49,6 +50,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "whiten_advantages": True,
   })
   c.sampling = sampling_config(preset)
+  c.lora = lora_config()  # adapters on the policy (and value model) over policy_from; the reference is the base
   c.optimizer.learning_rate = 1e-4 if tiny else 1e-6
   c.optimizer.warmup_steps = 0
   c.optimizer.final_lr_fraction = 1.0

@@ -9,6 +9,8 @@ override anything on the command line, e.g. --config.rl.train.steps=500.
 """
 import ml_collections
 
+C4 = "https://huggingface.co/datasets/allenai/c4/resolve/main"
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -22,7 +24,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.models["810m"] = {"preset": "810m", "remat": "full"}
   c.models.gold = {"preset": "2.7b", "remat": "full"}
   c.data = ml_collections.ConfigDict({"subset": "helpful-base", "split": "train", "eval_split": "test"})
-  c.lm = ml_collections.ConfigDict({})
+  # The LMs pretrain on a general corpus, as Bai et al.'s did, not on the dialogues: C4 English
+  # (allenai/c4 on the HuggingFace hub, ODC-BY), JSON Lines gzip'd with the text in "text", the first
+  # 8 of its 1024 training shards (~356k documents, ~150M tokens each; epochs repeat past them).
+  # UNVERIFIED: written offline, so these URLs follow the repository's documented file layout but
+  # were never downloaded here. One cache for every size: downloaded and tokenised once.
+  c.lm = ml_collections.ConfigDict({"data": {
+      "corpus": ",".join(f"{C4}/en/c4-train.{i:05d}-of-01024.json.gz" for i in range(8)),
+      "corpus_cache_dir": "runs/corpus_cache"}})
   c.sft = ml_collections.ConfigDict({"objective": "distill", "train": {"steps": 2000}})
   c.pm = ml_collections.ConfigDict({})
   c.gold_pm = ml_collections.ConfigDict({"train": {"steps": 10000}})

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import scale_plan  # noqa: E402
@@ -50,4 +52,32 @@ def test_ppo_update_holds_policy_and_value_state_split_over_devices():
   # policy + value, each float32 params + two AdamW moments, over 8 devices; plus the rollout's
   # shard (16 x 64 positions of a few arrays: well under 1 MB).
   expected = 2 * 12 * row["params"] / 8
+  assert expected <= row["argument_bytes"] <= expected + 2 ** 20
+
+
+def test_lora_ppo_update_holds_one_bf16_base_and_two_sets_of_adapters():
+  proc = subprocess.run([sys.executable, "benchmarks/scale_plan.py", "--devices=8", "--mesh=1,8,1", "--presets=13m",
+                         "--steps=ppo_update", "--batch=16", "--seq=64", "--lora_rank=8"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  import flax.linen as nn
+  import jax
+  from flax import traverse_util
+
+  from rlhf_jax.model import lora
+  from rlhf_jax.model.config import get_preset
+  from rlhf_jax.model.transformer import init_params
+  cfg = get_preset("13m")
+  shapes = traverse_util.flatten_dict(nn.meta.unbox(jax.eval_shape(
+      lambda r: init_params(cfg, r, lora=lora.LoraSpec(8, 16.0)), jax.random.PRNGKey(0))))
+  size = lambda keys: sum(int(np.prod(shapes[k].shape)) for k in keys)
+  adapters = size(k for k in shapes if k[-1].endswith(("_lora_a", "_lora_b")))
+  heads = size(k for k in shapes if k[-1] in lora.HEADS)
+  assert adapters == cfg.num_layers * 8 * sum(  # rank 8 x (fan-in + fan-out) of each of the 7 targets
+      d_in + d_out for d_in, d_out in [(cfg.d_model, cfg.num_heads * cfg.head_dim)] * 2
+      + [(cfg.d_model, cfg.num_kv_heads * cfg.head_dim)] * 2 + [(cfg.d_model, cfg.mlp_dim)] * 3)
+  # One bf16 base (2 bytes a weight) for policy and value, and for each its adapters and heads in
+  # float32 with two AdamW moments (12 bytes), over 8 devices; plus the rollout's shard (< 1 MB).
+  expected = (2 * row["params"] + 2 * 12 * (adapters + heads)) / 8
   assert expected <= row["argument_bytes"] <= expected + 2 ** 20

@@ -159,3 +159,20 @@ def test_checkpoint_sweep_resumes_and_refuses_an_edited_checkpoint(checkpoint_sw
       sweep.run_sweep(config, workdir)
   finally:
     _flip_weight_byte(weights)
+
+
+def test_label_budgets_vary_by_size_and_name_only_sizes(tmp_path):
+  c = micro_sweep_config()
+  c.sizes = ("xs", "s")
+  stages = {s.name: s for s in sweep.plan(c, str(tmp_path))}
+  unchanged = stages["labels_xs"].settings["labels"]
+  assert unchanged == c.labels.to_dict()  # without budgets a sweep's stage settings are as before
+  c.labels.budgets = {"xs": 16, "s": 48}
+  stages = {s.name: s for s in sweep.plan(c, str(tmp_path))}
+  assert [stages[f"labels_{n}"].settings["labels"]["num_pairs"] for n in ("xs", "s")] == [16, 48]
+  c.labels.budgets = {"xs": 16, "m": 8}
+  with pytest.raises(ConfigError, match=r"labels.budgets names \['m'\], which are not sizes"):
+    sweep.plan(c, str(tmp_path))
+  c.labels.budgets = {"xs": 0}
+  with pytest.raises(ConfigError, match="positive number of pairs"):
+    sweep.plan(c, str(tmp_path))

@@ -10,6 +10,8 @@
   chat.py         dialogues and prompts in a model's chat template (data.chat_template)
   batching.py     encoding with loss masks, truncation, packing, seeded resumable order
   lm_data.py      dialogue records and their LM batches (pretraining, SFT)
+  corpus_sources.py  a pretraining corpus's documents: local or downloaded JSONL / text, gzip, TFDS
+  corpus.py       the corpus tokenised once into a memory-mapped cache, packed rows, resumable batches
   pm_data.py      comparison batches ([batch, K, seq], best first), DPO's response-only pairs
   prompts.py      prompts for the policy-gradient trainers, left-padded
   inputs.py       the one call a trainer makes: records with their report, tokenizer, batchers

@@ -2,6 +2,7 @@
 
 - "lm": hh-rlhf dialogues (or data.path), packed rows for pretraining, one dialogue per row for
   SFT and distillation; the tokenizer trained on the training texts, or the one init_from has.
+  Pretraining with data.corpus set: that text corpus's packed rows instead (data.corpus).
 - "pm": comparisons [batch, 2, seq] (one seeded half with data.half); the tokenizer of init_from.
 - "ppo": prompts of config.data, prompts_per_iteration a batch, and the fixed held-out prompts.
 - "dpo": the comparisons of config.preferences with the loss on the final response only, and

@@ -2,13 +2,16 @@
 
 Offline, only harmless-base test exists, so a seeded fraction of whichever split is used is held
 out for evaluation (`data.eval_fraction`); with the real train split, set data.eval_split="test".
+Pretraining with data.corpus set reads that text corpus instead (rlhf_jax.data.corpus).
 """
 from __future__ import annotations
 
 import os
+from typing import Iterable
 
 import numpy as np
 
+from rlhf_jax.data import corpus
 from rlhf_jax.data.batching import Batcher, Encoded, encode_dialogue, pack
 from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.data.hh_rlhf.load import load_split
@@ -63,9 +66,10 @@ def train_eval_records(config, workdir: str) -> tuple[list[dict], list[dict], in
           [r for i, r in enumerate(records) if i in held_out], skipped)
 
 
-def load_or_train_tokenizer(config, texts: list[str], workdir: str) -> Tokenizer:
+def load_or_train_tokenizer(config, texts: Iterable[str], workdir: str) -> Tokenizer:
   """config.tokenizer.path if given, else the tokenizer of the run in config.init_from, else the
-  run's own (trained once on the training texts, then reused)."""
+  run's own (trained once on the training texts, then reused). texts may be lazy: it is read only
+  when a tokenizer is trained."""
   init_from = config.get("init_from") or ""
   if config.tokenizer.path:
     tok = load_tokenizer(config.tokenizer.path)
@@ -91,8 +95,21 @@ def _encode(tok: Tokenizer, records: list[dict], objective: str, seq_len: int) -
   return pack(encoded, seq_len) if objective == "pretrain" else encoded
 
 
+def tokenizer_texts(config, workdir: str) -> list[str]:
+  """What a tokenizer trained for this LM config learns from: a bounded sample of data.corpus when
+  pretraining on one, else the training dialogues."""
+  if corpus.uses_corpus(config):
+    return list(corpus.sample_texts(config, workdir))
+  return [r["chosen"] for r in train_eval_records(config, workdir)[0]]
+
+
 def build_lm_batchers(config, workdir: str) -> tuple[Tokenizer, Batcher, Batcher, int]:
   """(tokenizer, train batcher, eval batcher, malformed records skipped); see rlhf_jax.data.inputs."""
+  if corpus.uses_corpus(config):
+    tok = load_or_train_tokenizer(config, corpus.sample_texts(config, workdir), workdir)
+    return (tok, *corpus.corpus_batchers(config, workdir, tok))
+  if config.data.get("corpus"):
+    print(f"data.corpus is read by pretraining only: objective={config.objective} reads the dialogues")
   train_records, eval_records, skipped = train_eval_records(config, workdir)
   tok = load_or_train_tokenizer(config, [r["chosen"] for r in train_records], workdir)
   t = config.train

@@ -44,7 +44,14 @@ ADDED_WITH_NEUTRAL_DEFAULT = {"train.grad_accum": 1, "algorithm": "ppo", "ppo.sa
                               "model.norm_offset": 0.0, "model.qkv_bias": False, "model.qk_norm": False,
                               "model.rope_scaling": "none", "model.rope_factor": 1.0,
                               "model.rope_low_freq_factor": 1.0, "model.rope_high_freq_factor": 4.0,
-                              "model.rope_original_max_len": 8192, "data.chat_template": False}
+                              "model.rope_original_max_len": 8192, "data.chat_template": False,
+                              # pretraining on a corpus (rlhf_jax.data.corpus): "" reads the dialogues; in
+                              # data and in DPO's preferences (a copy of the PM's data section)
+                              "corpus": "", "corpus_field": "text", "corpus_eval_rows": 128, "corpus_cache_dir": "",
+                              "corpus_tokenizer_chars": 20_000_000,
+                              # LoRA (rlhf_jax.model.lora): off unless enabled
+                              "lora.enabled": False, "lora.rank": 8, "lora.alpha": 16.0, "lora.dropout": 0.0,
+                              "lora.targets": "wq,wk,wv,wo,w_gate,w_up,w_down", "lora.base_dtype": ""}
 # Settings that moved to another section: a finished stage's record is read with them in their new
 # place, so sweeps cached before the move still resume (the sampling of PPO and DPO runs, once
 # ppo.* and DPO's reduced copy of it, is one `sampling` section).

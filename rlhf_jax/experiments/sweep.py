@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax.data.chat import with_chat_format
-from rlhf_jax.data.lm_data import train_eval_records
+from rlhf_jax.data.lm_data import tokenizer_texts
 from rlhf_jax.data.tokenizer import Tokenizer, train_tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.experiments import checkpoint_sizes
@@ -96,9 +96,9 @@ def _tokenizer_stage(config, workdir: str) -> Stage:
   cfg = lm_config(config, workdir, config.sizes[0])
 
   def run(d):
-    records, _, _ = train_eval_records(cfg, d)
-    tok = train_tokenizer([r["chosen"] for r in records], cfg.model.vocab_size, d)
-    return {"vocab_size": tok.vocab_size, "num_texts": len(records)}
+    texts = tokenizer_texts(cfg, d)  # the training dialogues, or a sample of data.corpus
+    tok = train_tokenizer(texts, cfg.model.vocab_size, d)
+    return {"vocab_size": tok.vocab_size, "num_texts": len(texts)}
   return Stage("tokenizer", {"data": cfg.data.to_dict(), "vocab_size": cfg.model.vocab_size}, run)
 
 
@@ -148,7 +148,18 @@ def _labels_stage(config, workdir: str, name: str) -> Stage:
   rl = ppo_config(config, workdir, name)
   lab = config.labels
   policy_name = lab.policy or name
-  settings = {"labels": lab.to_dict(), "policy": policy_name, "data": rl.data.to_dict(),
+  # labels.budgets {size: pairs} varies the proxy PM's label budget by size (Gao et al. 2023's other
+  # axis); a size it does not name takes labels.num_pairs.
+  budgets = dict(lab.get("budgets", None) or {})
+  unknown = sorted(set(budgets) - set(config.sizes))
+  if unknown:
+    raise ConfigError(f"labels.budgets names {unknown}, which are not sizes of this sweep ({list(config.sizes)})")
+  bad = {k: v for k, v in budgets.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+  if bad:
+    raise ConfigError(f"labels.budgets {bad}: each budget must be a positive number of pairs")
+  num_pairs = int(budgets.get(name, lab.num_pairs))
+  labels = lab.to_dict() if not budgets else {**lab.to_dict(), "budgets": None, "num_pairs": num_pairs}
+  settings = {"labels": labels, "policy": policy_name, "data": rl.data.to_dict(),
               "prompt_len": rl.sampling.prompt_len}
 
   def run(d):
@@ -159,7 +170,7 @@ def _labels_stage(config, workdir: str, name: str) -> Stage:
     tok = with_chat_format(same_tokenizer(policy, gold_dir), rl)
     train_prompts, _ = prompt_texts(rl, d)  # labels only on training prompts; PPO evaluates on the rest
     records, report = gold_labels(
-        _frozen(policy, mesh), _frozen(gold_dir, mesh), tok, train_prompts, num_pairs=lab.num_pairs,
+        _frozen(policy, mesh), _frozen(gold_dir, mesh), tok, train_prompts, num_pairs=num_pairs,
         prompt_len=rl.sampling.prompt_len, max_new_tokens=lab.max_new_tokens or rl.sampling.max_new_tokens,
         temperature=lab.temperature, batch_size=lab.batch_size, seed=lab.seed)
     if jax.process_index() == 0:
@@ -256,7 +267,14 @@ def base_stages(config, workdir: str) -> list[Stage]:
   # One tokenizer for every size, checked now rather than after hours of earlier stages.
   checkpoints = checkpoint_sizes.all_checkpoints(config, (*config.sizes, GOLD))
   vocab = {name: model_config(config, name).vocab_size for name in (*config.sizes, GOLD)}
-  if len(set(vocab.values())) > 1:
+  if checkpoints:
+    # A family pads its embedding table to different sizes over one tokenizer (Qwen2.5: 151936 up
+    # to 3B, 152064 from 7B); the gold PM scores every size's samples, so its table must hold their ids.
+    larger = {name: v for name, v in vocab.items() if v > vocab[GOLD]}
+    if larger:
+      raise ConfigError(f"the gold model's vocab_size {vocab[GOLD]} is below that of sizes {larger}: it "
+                        f"could not score their samples")
+  elif len(set(vocab.values())) > 1:
     raise ConfigError(f"every size shares one tokenizer, but vocab_size differs: {vocab}")
   if checkpoints:  # each LM is its checkpoint, imported; the tokenizer is theirs
     stages = [checkpoint_sizes.import_stage(config, workdir, n, lm_config(config, workdir, n).mesh.shape)

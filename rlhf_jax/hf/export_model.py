@@ -7,7 +7,8 @@ model.safetensors, config.json and tokenizer.model. A model imported from Huggin
 init_from / policy_from) is written back with its source's config.json and tokenizer files and
 each tensor in its source dtype (so an import exported untrained reproduces the source's tensors
 exactly); a model trained here from scratch is written as a LlamaForCausalLM (or the family its
-ModelConfig switches name: Gemma, Qwen2, Qwen3) in float32. A PM's
+ModelConfig switches name: Gemma, Qwen2, Qwen3) in float32. A LoRA policy is written with its
+adapters merged into the base's weights. A PM's
 scalar head is not part of that layout and is left out. One tensor at a time is gathered to the
 host while the file is written.
 """
@@ -25,6 +26,7 @@ from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
 from rlhf_jax.hf import runs, tensor_files, weights
+from rlhf_jax.model import lora
 from rlhf_jax.training import sharding as shd
 
 WEIGHTS_FILE = "model.safetensors"
@@ -60,11 +62,14 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None, dtype: st
     raise ConfigError(f"--out={out_dir} is not empty")
   policy = load_policy(run_dir, shd.make_mesh((1, -1, 1)), step)
   cfg = policy.model.cfg
+  params = policy.params
+  if policy.model.lora is not None:  # a LoRA policy leaves as dense weights: W + (alpha/rank) A B
+    params = lora.merge(params, policy.model.lora)
   tok = load_tokenizer(policy.tokenizer_dir)
   hf, dtypes, passed_through = _source_files(run_dir, dtype, tok, cfg)
   names = weights.hf_names(cfg)
   kind = lambda name: tensor_files.DTYPES[DTYPE_NAMES[dtype] if dtype else dtypes.get(name, "F32")]
-  fetch = lambda name: weights.hf_tensor(policy.params, cfg, name).astype(kind(name))
+  fetch = lambda name: weights.hf_tensor(params, cfg, name).astype(kind(name))
   if jax.process_index() != 0:
     for name in names:  # the gathers are collective: every host takes part, one writes
       fetch(name)

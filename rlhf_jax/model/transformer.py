@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.model import lora as lora_lib
 from rlhf_jax.model.config import ModelConfig
 
 Cache = Any  # per-layer {'k','v'} dicts (a list), or one stacked dict when layers are scanned
@@ -101,6 +102,7 @@ def causal_mask(key_valid: jax.Array, num_queries: int, cache_index) -> jax.Arra
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  lora: Optional[lora_lib.LoraSpec] = None
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_index):
@@ -112,6 +114,9 @@ class Attention(nn.Module):
       w = self.param(name, nn.with_logical_partitioning(_fan_in_init(0, (1, 2)), axes),
                      (d, heads, hd), pdtype)
       y = jnp.einsum("btd,dnh->btnh", x, w.astype(dtype))
+      extra = lora_lib.delta(self, self.lora, name, x, (d, heads, hd), axes, dtype)
+      if extra is not None:
+        y = y + extra
       if cfg.qkv_bias:
         b = self.param("b" + name[1], nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
                        (heads, hd), pdtype)
@@ -143,12 +148,15 @@ class Attention(nn.Module):
     wo = self.param("wo", nn.with_logical_partitioning(
         _fan_in_init((0, 1), 2, scale=1.0 / (2 * cfg.num_layers)), ("heads", "head_dim", "embed")),
                     (nh, hd, d), pdtype)
-    return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype)), new_cache
+    y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
+    extra = lora_lib.delta(self, self.lora, "wo", out, (nh, hd, d), ("heads", "head_dim", "embed"), dtype)
+    return (y if extra is None else y + extra), new_cache
 
 
 class SwiGLU(nn.Module):
   """Gated MLP: SwiGLU, or GeGLU with the tanh-approximated GELU (Gemma) by cfg.mlp_activation."""
   cfg: ModelConfig
+  lora: Optional[lora_lib.LoraSpec] = None
 
   @nn.compact
   def __call__(self, x):
@@ -157,26 +165,31 @@ class SwiGLU(nn.Module):
     w_in = nn.with_logical_partitioning(_fan_in_init(0, 1), ("embed", "mlp"))
     w_out = nn.with_logical_partitioning(_fan_in_init(0, 1, scale=1.0 / (2 * cfg.num_layers)),
                                          ("mlp", "embed"))
-    gate = self.param("w_gate", w_in, (cfg.d_model, cfg.mlp_dim), pdtype).astype(dtype)
-    up = self.param("w_up", w_in, (cfg.d_model, cfg.mlp_dim), pdtype).astype(dtype)
-    down = self.param("w_down", w_out, (cfg.mlp_dim, cfg.d_model), pdtype).astype(dtype)
+    d, m = cfg.d_model, cfg.mlp_dim
+
+    def linear(name, init, shape, axes, inp):
+      y = inp @ self.param(name, init, shape, pdtype).astype(dtype)
+      extra = lora_lib.delta(self, self.lora, name, inp, shape, axes, dtype)
+      return y if extra is None else y + extra
+
     act = jax.nn.silu if cfg.mlp_activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-    h = act(x @ gate) * (x @ up)
-    return h @ down
+    h = act(linear("w_gate", w_in, (d, m), ("embed", "mlp"), x)) * linear("w_up", w_in, (d, m), ("embed", "mlp"), x)
+    return linear("w_down", w_out, (m, d), ("mlp", "embed"), h)
 
 
 class Block(nn.Module):
   """Pre-norm transformer layer; signature fits nn.scan: (carry, *xs) -> (carry, ys)."""
   cfg: ModelConfig
+  lora: Optional[lora_lib.LoraSpec] = None
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_index):
     cfg = self.cfg
     norm = functools.partial(RMSNorm, cfg.norm_eps, _dtype(cfg.dtype), _dtype(cfg.param_dtype), cfg.norm_offset)
-    h, new_cache = Attention(cfg, name="attn")(norm(name="attn_norm")(x), positions, mask,
+    h, new_cache = Attention(cfg, self.lora, name="attn")(norm(name="attn_norm")(x), positions, mask,
                                                layer_cache, cache_index)
     x = x + h
-    x = x + SwiGLU(cfg, name="mlp")(norm(name="mlp_norm")(x))
+    x = x + SwiGLU(cfg, self.lora, name="mlp")(norm(name="mlp_norm")(x))
     # Pin the residual stream to batch sharding; without it the partitioner may pick layouts
     # that force full rematerialisation between layers. A no-op outside a mesh context.
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -205,6 +218,7 @@ def _default_mask_and_positions(tokens, attention_mask, positions, cache):
 
 class Transformer(nn.Module):
   cfg: ModelConfig
+  lora: Optional[lora_lib.LoraSpec] = None  # adapters (rlhf_jax.model.lora): created at init, applied when present
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
@@ -237,14 +251,14 @@ class Transformer(nn.Module):
 
     block = _block_class(cfg)
     if cfg.scan_layers:
-      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, new_cache = layers(cfg, name="layers")(x, positions, mask, cache, cache_index)
+      x, new_cache = layers(cfg, self.lora, name="layers")(x, positions, mask, cache, cache_index)
     else:
       new_cache = [] if cache is not None else None
       for i in range(cfg.num_layers):
-        x, layer_cache = block(cfg, name=f"layer_{i}")(
+        x, layer_cache = block(cfg, self.lora, name=f"layer_{i}")(
             x, positions, mask, None if cache is None else cache[i], cache_index)
         if cache is not None:
           new_cache.append(layer_cache)
@@ -286,7 +300,7 @@ def read_at(values: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(values, idx, axis=1)[:, 0]
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
-  """Boxed (logically partitioned) parameters; `nn.meta.unbox` for plain arrays."""
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8, lora: Optional[lora_lib.LoraSpec] = None):
+  """Boxed (logically partitioned) parameters, with LoRA adapters if `lora`; `nn.meta.unbox` for plain arrays."""
   tokens = jnp.zeros((1, seq_len), jnp.int32)
-  return Transformer(cfg).init(rng, tokens)["params"]
+  return Transformer(cfg, lora).init(rng, tokens)["params"]

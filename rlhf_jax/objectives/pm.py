@@ -29,18 +29,18 @@ def ranked_loss(scores: jax.Array) -> jax.Array:
   return preference_loss(scores[:, i], scores[:, j]).mean(axis=1)
 
 
-def pm_scores(params, model: Transformer, batch: dict[str, jax.Array], *, lm_head: bool = False):
+def pm_scores(params, model: Transformer, batch: dict[str, jax.Array], *, lm_head: bool = False, rngs=None):
   """Scores [batch, K] at the end-of-context tokens (and the model output, for the LM loss)."""
   b, k, t = batch["tokens"].shape
   out = model.apply({"params": params}, batch["tokens"].reshape(b * k, t),
-                    attention_mask=batch["attention_mask"].reshape(b * k, t), lm_head=lm_head)
+                    attention_mask=batch["attention_mask"].reshape(b * k, t), lm_head=lm_head, rngs=rngs)
   scores = read_at(out.scalar, batch["eoc_index"].reshape(b * k)).reshape(b, k)
   return scores, out
 
 
 def pm_loss(params, model: Transformer, batch: dict[str, jax.Array], *,
-            lm_weight: float = 0.0) -> tuple[jax.Array, dict]:
-  scores, out = pm_scores(params, model, batch, lm_head=lm_weight > 0)
+            lm_weight: float = 0.0, rngs=None) -> tuple[jax.Array, dict]:
+  scores, out = pm_scores(params, model, batch, lm_head=lm_weight > 0, rngs=rngs)
   pref = ranked_loss(scores).mean()
   metrics = pm_metrics(scores)
   loss = pref

@@ -16,9 +16,8 @@ from rlhf_jax.data.inputs import eval_comparisons
 from rlhf_jax.data.pm_data import PMBatcher
 from rlhf_jax.objectives import calibration as cal
 from rlhf_jax.trainers import pm_steps
-from rlhf_jax.training import loop
 from rlhf_jax.training import sharding as shd
-from rlhf_jax.training.saved_runs import load_run_config
+from rlhf_jax.training.saved_runs import FrozenModel, load_run_config
 
 
 def score_all(score_step, params, batcher: PMBatcher, mesh) -> np.ndarray:
@@ -37,9 +36,9 @@ def evaluate_pm(pm_dir: str, data_path: Optional[str] = None) -> dict:
     config.data.path, config.data.eval_split, config.data.eval_fraction = data_path, "", 1.0
     config.data.max_examples = 0
   _, batcher = eval_comparisons(config, pm_dir)
-  s = loop.setup(config)
-  params = loop.restore_params(pm_dir, s.abstract)
-  scores = score_all(pm_steps.jit_pm_score_step(s.model, s.mesh, s.shardings.params), params, batcher, s.mesh)
+  mesh = shd.make_mesh(config.mesh.shape)
+  pm = FrozenModel(pm_dir, mesh)  # a LoRA PM: its adapters over its base
+  scores = score_all(pm_steps.jit_pm_score_step(pm.model, mesh, pm.shardings.params), pm.params, batcher, mesh)
 
   acc = cal.accuracy_interval(scores[:, 0], scores[:, 1])
   calib = cal.calibration(scores[:, 0], scores[:, 1], num_bins=config.get("calibration_bins", 10))

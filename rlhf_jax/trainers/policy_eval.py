@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +59,9 @@ def policy_evaluator(policy0: FrozenModel, eval_pms: dict[str, FrozenModel], pro
   return evaluate
 
 
-def eval_pms(config, mesh) -> dict[str, FrozenModel]:
-  """The training / proxy PM as "pm", and every PM of eval.pm_dirs by its directory's name."""
-  pm = FrozenModel(config.pm_dir, mesh, with_normalisation=True)
-  return {"pm": pm} | {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True)
+def eval_pms(config, mesh, bases: Optional[dict] = None) -> dict[str, FrozenModel]:
+  """The training / proxy PM as "pm", and every PM of eval.pm_dirs by its directory's name
+  (LoRA PMs on one base share it through `bases`, see FrozenModel)."""
+  pm = FrozenModel(config.pm_dir, mesh, with_normalisation=True, bases=bases)
+  return {"pm": pm} | {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True, bases=bases)
                        for d in config.eval.pm_dirs}

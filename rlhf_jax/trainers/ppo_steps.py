@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax.model import lora
 from rlhf_jax.model.transformer import Transformer, read_at
 from rlhf_jax.objectives import critic_free, ppo
 from rlhf_jax.training import sharding as shd
@@ -71,10 +72,20 @@ def pm_score(pm_model: Transformer, pm_params, prompt, prompt_mask, response, re
   return read_at(out.scalar, eoc)
 
 
-def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score_std, *, models: Models,
+def joined(params, frozen):
+  """The trained models' whole params: with LoRA, each model's adapters and heads over its frozen
+  base (frozen = {"policy": ..., "value": ...}); without, params themselves (frozen None)."""
+  if frozen is None:
+    return params
+  return {k: lora.join(frozen[k], v) for k, v in params.items()}
+
+
+def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score_std, frozen=None, *, models: Models,
                   hyper: PPOHyper, eoc_id: int) -> dict[str, jax.Array]:
   """Everything the updates need, computed once with the rollout policy: log-probs of policy and
-  reference, values, PM score, KL-penalised rewards, advantages and returns."""
+  reference, values, PM score, KL-penalised rewards, advantages and returns. With LoRA the
+  reference is the policy's base with its adapters switched off: ref_params are frozen["policy"]."""
+  params = joined(params, frozen)
   p = gen.prompt_tokens.shape[1]
   tokens = jnp.concatenate([gen.prompt_tokens, gen.tokens], axis=1)
   mask = jnp.concatenate([gen.prompt_mask, gen.mask], axis=1)
@@ -128,7 +139,7 @@ def ppo_loss(params, mb: dict[str, jax.Array], *, models: Models, hyper: PPOHype
   return loss + hyper.vf_coef * vf, {**pg_metrics, **vf_metrics, "update_entropy": ent}
 
 
-def ppo_update(state: TrainState, rollout: dict[str, jax.Array], rng: jax.Array, *, models: Models,
+def ppo_update(state: TrainState, rollout: dict[str, jax.Array], rng: jax.Array, frozen=None, *, models: Models,
                hyper: PPOHyper, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
   """hyper.epochs passes over the rollout in hyper.num_minibatches shuffled minibatches, as one
   lax.scan of optimizer steps; metrics are averaged over the minibatch steps. state.step counts
@@ -141,8 +152,8 @@ def ppo_update(state: TrainState, rollout: dict[str, jax.Array], rng: jax.Array,
 
   def one(state, idx):
     mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rollout)
-    (loss, metrics), grads = jax.value_and_grad(ppo_loss, has_aux=True)(
-        state.params, mb, models=models, hyper=hyper, prompt_len=prompt_len)
+    loss_fn = lambda p: ppo_loss(joined(p, frozen), mb, models=models, hyper=hyper, prompt_len=prompt_len)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     grad_norm = optax.tree.norm(grads)
     new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
@@ -155,14 +166,18 @@ def ppo_update(state: TrainState, rollout: dict[str, jax.Array], rng: jax.Array,
 
 
 def jit_ppo_steps(models: Models, hyper: PPOHyper, tx: optax.GradientTransformation, mesh,
-                  state_shardings: Any, ref_shardings: Any, pm_shardings: Any, *, eoc_id: int):
+                  state_shardings: Any, ref_shardings: Any, pm_shardings: Any, *, eoc_id: int,
+                  frozen_shardings: Any = None):
   """(score, update) jitted once with explicit shardings, so that the state keeps its layout from
-  one iteration to the next (no recompilation, and a resumed run runs the same programs)."""
+  one iteration to the next (no recompilation, and a resumed run runs the same programs):
+  score(params, ref_params, pm_params, gen, kl_coef, mean, std, frozen) and
+  update(state, rollout, rng, frozen), frozen None unless LoRA (and never donated)."""
   batch, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
   score = jax.jit(functools.partial(score_rollout, models=models, hyper=hyper, eoc_id=eoc_id),
-                  in_shardings=(state_shardings.params, ref_shardings, pm_shardings, batch, rep, rep, rep),
+                  in_shardings=(state_shardings.params, ref_shardings, pm_shardings, batch, rep, rep, rep,
+                                frozen_shardings),
                   out_shardings=(batch, rep))
   update = jax.jit(functools.partial(ppo_update, models=models, hyper=hyper, tx=tx),
-                   in_shardings=(state_shardings, batch, rep), out_shardings=(state_shardings, rep),
+                   in_shardings=(state_shardings, batch, rep, frozen_shardings), out_shardings=(state_shardings, rep),
                    donate_argnums=(0,))
   return shd.under_mesh(score, mesh), shd.under_mesh(update, mesh)

@@ -18,9 +18,10 @@ import numpy as np
 from rlhf_jax.data.inputs import trainer_data
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import runs as hf_runs
+from rlhf_jax.model import lora
 from rlhf_jax.trainers import config_checks, pm_steps
 from rlhf_jax.trainers.pm_evaluation import evaluate_pm, score_all
-from rlhf_jax.training import loop
+from rlhf_jax.training import loop, lora_setup
 from rlhf_jax.training import sharding as shd
 
 
@@ -29,18 +30,19 @@ def _stage(config, workdir: str) -> dict[str, Any]:
   _, train_data, eval_data, skipped, _ = trainer_data(config, workdir, "pm")
   config_checks.check_batch_fits(len(train_data), config.train.batch_size, "train.batch_size",
                                  f"training comparisons of {config.data.get('path') or config.data.subset}")
-  s = loop.setup(config, workdir)
-  state = loop.resume_or(s, lambda: loop.initial_state(config, s))
+  s, state, frozen = lora_setup.setup_or_dense(config, workdir)
   train_step = pm_steps.jit_pm_train_step(s.model, s.tx, s.mesh, s.shardings, lm_weight=config.lm_weight,
-                                    grad_accum=config.train.grad_accum)
-  score_step = pm_steps.jit_pm_score_step(s.model, s.mesh, s.shardings.params)
+                                          grad_accum=config.train.grad_accum,
+                                          frozen_shardings=frozen and frozen.shardings)
+  base, base_shardings = (frozen.base, frozen.shardings) if frozen else (None, None)
+  score_step = pm_steps.jit_pm_score_step(s.model, s.mesh, lora.join(base_shardings, s.shardings.params))
 
   def evaluate(params):
-    scores = score_all(score_step, params, eval_data, s.mesh)
+    scores = score_all(score_step, lora.join(base, params), eval_data, s.mesh)
     return {"eval_accuracy": float(np.mean(scores[:, 0] > scores[:, 1])),
             "eval_preference_loss": float(np.mean(np.logaddexp(0.0, scores[:, 1] - scores[:, 0])))}
 
-  step = lambda state, position: train_step(state, shd.shard_batch(train_data.batch_at(position), s.mesh))
+  step = lambda state, position: train_step(state, shd.shard_batch(train_data.batch_at(position), s.mesh), base)
   return loop.run_steps(config, workdir, s, state, step=step, evaluate=evaluate, desc="train_pm",
                         run_info=dict(num_train_comparisons=len(train_data),
                                       num_eval_comparisons=len(eval_data), malformed_skipped=skipped))

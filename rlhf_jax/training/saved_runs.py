@@ -10,26 +10,54 @@ from typing import Any, NamedTuple, Optional
 import ml_collections
 
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.model import lora
 from rlhf_jax.model.config import ModelConfig
 from rlhf_jax.model.transformer import Transformer, init_params
 from rlhf_jax.objectives.calibration import load_normalisation
-from rlhf_jax.training import loop
+from rlhf_jax.training import adapters, loop
 from rlhf_jax.training.checkpointing import Checkpointer
 from rlhf_jax.training.optimizer import make_optimizer
 from rlhf_jax.training.train_state import state_shardings
 
 
 class FrozenModel:
-  """A trained run's model and params (policy at initialisation, or a PM with its normalisation)."""
+  """A trained run's model and params (policy at initialisation, or a PM with its normalisation).
 
-  def __init__(self, run_dir: str, mesh, with_normalisation: bool = False):
+  For a LoRA run (rlhf_jax.training.adapters) `params` is its base's params joined with its
+  adapters (no copy of the base), `base` and `adapters` the two halves and `spec` its LoraSpec;
+  for a dense run `base` is `params`, `adapters` None. `bases` (a dict shared by the caller) holds
+  the dense runs already loaded, by directory: several LoRA runs on one base read it once.
+  """
+
+  def __init__(self, run_dir: str, mesh, with_normalisation: bool = False, bases: Optional[dict] = None):
     config = load_run_config(run_dir)
     cfg = ModelConfig.from_dict(config.model)
-    self.run_dir, self.model = run_dir, Transformer(cfg)
+    self.run_dir, self.spec = run_dir, adapters.spec_of(config)
+    self.model = Transformer(cfg, self.spec)
     tx = make_optimizer(config.optimizer, config.train.steps)
-    self.abstract, self.shardings = state_shardings(lambda r: init_params(cfg, r), tx, mesh)
-    self.params = loop.restore_params(run_dir, self.abstract)
     self.normalisation = load_normalisation(run_dir) if with_normalisation else None
+    bases = {} if bases is None else bases
+    if self.spec is None:
+      self.abstract, self.shardings = state_shardings(lambda r: init_params(cfg, r), tx, mesh)
+      key = os.path.abspath(run_dir)
+      if key not in bases:
+        bases[key] = loop.restore_params(run_dir, self.abstract), self.shardings.params
+      self.params, _ = bases[key]
+      self.base, self.adapters = self.params, None
+      return
+    base = adapters.base_of(run_dir)
+    if base.run_dir not in bases:
+      FrozenModel(base.run_dir, mesh, bases=bases)
+    self.base, base_shardings = bases[base.run_dir]
+    self.abstract, self.shardings = state_shardings(adapter_init(cfg, self.spec), tx, mesh)
+    self.adapters = loop.restore_params(run_dir, self.abstract)
+    self.params = lora.join(self.base, self.adapters)
+    self.shardings = self.shardings.replace(params=lora.join(base_shardings, self.shardings.params))
+
+
+def adapter_init(cfg: ModelConfig, spec: lora.LoraSpec) -> Any:
+  """rng -> the boxed trainable params (adapters and heads) of a LoRA model."""
+  return lambda r: lora.trainable(init_params(cfg, r, lora=spec))
 
 
 class Policy(NamedTuple):
@@ -42,8 +70,10 @@ class Policy(NamedTuple):
 def load_policy(run_dir: str, mesh, step: Optional[int] = None) -> Policy:
   """The policy of any run: an LM / SFT run's params, or a PPO run's policy (its model is that of
   its policy_from). step: a saved checkpoint (default: the last)."""
-  source = load_run_config(run_dir).get("policy_from") or run_dir
+  config = load_run_config(run_dir)
+  source = config.get("policy_from") or run_dir
   base = FrozenModel(source, mesh)  # the model, and for an LM run its last params
+  spec = adapters.spec_of(config) if source != run_dir else None
   with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
     last = ckpt.latest_step()
     step = last if step is None else step
@@ -51,6 +81,11 @@ def load_policy(run_dir: str, mesh, step: Optional[int] = None) -> Policy:
       raise ConfigError(f"{run_dir}: no checkpoint at step {step} (saved: {ckpt.all_steps()})")
     if source == run_dir:
       params = base.params if step == last else ckpt.restore_params(base.abstract.params, step)
+    elif spec is not None:  # a LoRA policy: its adapters over policy_from's weights
+      adapters.base_of(run_dir)  # refuses a policy_from changed since
+      abstract, _ = state_shardings(adapter_init(base.model.cfg, spec), make_optimizer(config.optimizer, 1), mesh)
+      trained = ckpt.restore_params({"policy": abstract.params}, step)["policy"]
+      return Policy(Transformer(base.model.cfg, spec), lora.join(base.params, trained), int(step), source)
     else:
       params = ckpt.restore_params({"policy": base.abstract.params}, step)["policy"]
   return Policy(base.model, params, int(step), source)

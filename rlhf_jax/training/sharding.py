@@ -28,6 +28,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    # A LoRA adapter's rank axis: split over fsdp where the other axis is not (B of wq, wk, wv,
+    # w_gate, w_up; A of wo, w_down), so no adapter is whole on every device of an FSDP mesh.
+    ("lora", "fsdp"),
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
@@ -70,7 +73,20 @@ def logical_to_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> An
   """NamedShardings for a tree whose leaves are logically partitioned boxes (or plain arrays:
   replicated). Works on abstract trees from `jax.eval_shape`."""
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return jax.tree.map(lambda x, s: _divisible(x, s, mesh), nn.meta.unbox(boxed_tree), shardings)
+
+
+def _divisible(leaf: Any, sharding: NamedSharding, mesh: Mesh) -> NamedSharding:
+  """`sharding` with any axis that its mesh axes do not divide left whole (e.g. a LoRA rank of 8 on
+  32 fsdp devices): jit refuses uneven argument shardings."""
+  shape = getattr(leaf, "shape", None)
+  if shape is None or not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  size = lambda axes: int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+  fitted = [axes if axes is None or dim % size(axes) == 0 else None for dim, axes in zip(shape, spec)]
+  return sharding if fitted == spec else NamedSharding(mesh, P(*fitted))
 
 
 def batch_sharding(mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
