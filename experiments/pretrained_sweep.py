@@ -12,10 +12,12 @@ All five share one tokenizer, which the sweep checks before it starts. They are 
 not -Instruct: the initial policy comes from SFT on the helpful dialogues as in the paper, in the
 paper's Human/Assistant format. SFT is full fine-tuning in both variants (train_lm has no LoRA).
 
-Memory per device, from `python benchmarks/scale_plan.py --plan --pretrained` (benchmarks/RESULTS.md):
-full fine-tuning with remat "full", bf16 compute and fp32 AdamW states fits 32 chips of 16 GiB or
-more up to the 7B policy and the 14B gold PM with 2 PM micro-batches; LoRA rank 64 over a bf16 base
-cuts the state of a 7B PPO update (policy and value) from 89 GiB to about 14 GiB in all.
+Memory per device, from `python benchmarks/scale_plan.py --plan --pretrained` (benchmarks/RESULTS.md;
+bf16 compute, fp32 params and AdamW moments, remat "full", 64 sequences of 1024 tokens): on 32
+chips (fsdp) full fine-tuning peaks at 22.6 GiB for the 7B PPO update and 19.0 GiB for the 14B gold
+PM step (2 micro-batches), so TPU v4 / H100 or larger; LoRA rank 64 over a bf16 base brings the 7B
+PPO update to 9.6 GiB (its arguments from 5.3 to 0.56 GiB) and the 14B PM step to 9.6 GiB, which
+fits 16 GiB chips (TPU v5e; the 14B only scores, it never samples). On 64 chips as (1, 16, 4) every step of both fits 16 GiB.
 Override anything on the command line, e.g. --config.rl.train.steps=500.
 """
 import os
@@ -45,7 +47,7 @@ def get_config(tuning: str = "full") -> ml_collections.ConfigDict:
   c.lm = ml_collections.ConfigDict({"mesh": fsdp})  # imported: nothing to pretrain
   c.sft = ml_collections.ConfigDict({"objective": "sft", "mesh": fsdp, "train": {"steps": 2000}})
   c.pm = ml_collections.ConfigDict({"mesh": fsdp, "train": {"grad_accum": 2}})
-  c.gold_pm = ml_collections.ConfigDict({"train": {"steps": 10000}})
+  c.gold_pm = ml_collections.ConfigDict({"mesh": fsdp, "train": {"steps": 10000, "grad_accum": 2}})
   c.labels = ml_collections.ConfigDict({"num_pairs": 50000, "policy": "", "max_new_tokens": 0,
                                         "temperature": 1.0, "batch_size": 512, "seed": 0})
   c.rl = ml_collections.ConfigDict({"mesh": fsdp, "train": {"eval_every": 25}})

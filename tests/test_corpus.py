@@ -340,6 +340,7 @@ def test_tokenizer_learns_from_a_bounded_corpus_sample(docs, tmp_path):
 
 def test_paper_sweep_names_a_public_corpus_the_lm_stages_read():
   import importlib.util
+
   from rlhf_jax.experiments.stage_configs import lm_config, pm_config
   path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "paper_sweep.py")
   spec = importlib.util.spec_from_file_location("paper_sweep", path)
@@ -356,6 +357,7 @@ def test_train_lm_pretrains_on_the_corpus_unchanged(docs, tmp_path):
   """The trainer needs no change: a few tiny steps read full corpus rows (no padding) and record
   the corpus's row counts."""
   from conftest import small_run_config
+
   from rlhf_jax.trainers import train_lm
   config = small_run_config(_config(None, _jsonl(tmp_path / "c.jsonl", docs * 2)), 2, max_examples=0)
   config.data.corpus_eval_rows = 8

@@ -268,3 +268,16 @@ def test_bad_lora_settings_and_a_changed_base_are_one_line_errors(tiny_runs, lor
   victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
   with pytest.raises(ConfigError, match="has changed since the adapters were trained"):
     FrozenModel(str(pm_copy), shd.make_mesh((1, -1, 1)))
+
+
+def test_a_dense_ppo_value_model_starts_from_a_lora_pm_merged(tiny_runs, lora_pm):
+  lm, _ = tiny_runs
+  mesh = shd.make_mesh((1, -1, 1))
+  pm = FrozenModel(str(lora_pm), mesh)
+  trainables = train_ppo._dense(ppo_config.get_config("tiny"), mesh, FrozenModel(lm, mesh), pm, shared=False)
+  # The dense value model's params have the dense model's tree (no adapter leaves: jit's shardings
+  # are the dense model's), and equal the PM with its adapters merged in.
+  fresh = nn.meta.unbox(jax.eval_shape(trainables.init, jax.random.PRNGKey(0)))
+  assert jax.tree.structure(fresh) == jax.tree.structure(trainables.start)
+  jax.tree.map(np.testing.assert_array_equal, trainables.start["value"], lora.merge(pm.params, pm.spec))
+  assert not lora.has_adapters(trainables.start["value"])

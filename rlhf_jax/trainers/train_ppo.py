@@ -66,10 +66,14 @@ def _dense(config, mesh, policy0: FrozenModel, pm: FrozenModel, shared: bool) ->
     return params
   # init_policy_from (optional): start from another run's policy, e.g. the previous round's PPO
   # policy in iterated online RLHF; the KL reference stays policy_from.
-  start = {"policy": load_policy(config.init_policy_from, mesh).params if config.get("init_policy_from")
-           else policy0.params}
+  dense = lambda params, spec: lora.merge(params, spec) if spec is not None else params  # a LoRA run's, merged
+  if config.get("init_policy_from"):
+    previous = load_policy(config.init_policy_from, mesh)
+    start = {"policy": dense(previous.params, previous.model.lora)}
+  else:
+    start = {"policy": policy0.params}
   if not shared:
-    start["value"] = pm.params  # value model initialised from the PM
+    start["value"] = dense(pm.params, pm.spec)  # value model initialised from the PM
   return Trainables(init_fn, start)
 
 
