@@ -40,13 +40,13 @@ online: setup
 	$(PY) -m rlhf_jax online --config=experiments/online_tiny.py
 
 # RLHF from the real SmolLM2-135M-Instruct on CPU with LoRA: gold PM, proxy PMs at three label
-# budgets, PPO and best-of-N against each, over-optimisation curves (runs/smollm2_cpu/, about an hour
+# budgets, PPO and best-of-N against each, over-optimisation curves (runs/smollm2_cpu/, 39 minutes
 # on 2 cores; benchmarks/RESULTS.md).
 smollm2: setup
 	$(PY) -m rlhf_jax sweep --config=experiments/smollm2_cpu.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) benchmarks/bench_model.py --preset=$(PRESET)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from rlhf_jax.training.metrics import MetricsWriter, progress, read_metrics
+from rlhf_jax.training import metrics
+from rlhf_jax.training.metrics import MetricsWriter, StepClock, progress, read_metrics, without_timings
 
 # --- TFRecord reader ------------------------------------------------------------------------------
 
@@ -227,3 +228,23 @@ def test_progress_disabled_off_tty_unless_forced():
   bar.update(5)
   bar.close()
   assert "manual" in buf.getvalue() and "5/5" in buf.getvalue()
+
+
+def test_step_clock_times_the_compiling_step_alone_and_leaves_out_evaluations(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+  clock = StepClock(start=4)  # a run resumed after step 4: its first step here is 5
+  now[0] = 130.0  # step 5: compiled and run in 30 s
+  clock.stepped(jnp.zeros(()))
+  assert clock.rates(5) == {"first_step_seconds": 30.0}  # no rate from the compiling step
+  for step, t in ((6, 132.0), (7, 134.0)):  # then 2 s a step
+    now[0] = t
+    clock.stepped(jnp.zeros(()))
+  with clock.paused():  # a 50 s evaluation after step 7
+    now[0] = 184.0
+  for step, t in ((8, 186.0), (9, 188.0)):
+    now[0] = t
+    clock.stepped(jnp.zeros(()))
+  assert clock.rates(9) == {"steps_per_second": 4 / (188.0 - 130.0 - 50.0)}  # 0.5: the steady rate
+  row = {"loss": 1.0, "step": 9, **clock.rates(9), "first_step_seconds": 30.0}
+  assert without_timings(row) == {"loss": 1.0, "step": 9}

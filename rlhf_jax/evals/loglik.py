@@ -21,6 +21,7 @@ from rlhf_jax.model.config import ModelConfig
 from rlhf_jax.model.transformer import Transformer
 from rlhf_jax.objectives.lm import token_log_probs
 from rlhf_jax.training import sharding as shd
+from rlhf_jax.training.metrics import progress
 
 Request = tuple[Sequence[int], Sequence[int]]
 
@@ -78,9 +79,8 @@ class Scorer:
     """Yields (indices, tokens [B, L], mask [B, L]) over seqs sorted by length; B fixed, L a bucket."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-    if self.progress and chunks:
-      from tqdm import tqdm
-      chunks = tqdm(chunks, desc=desc, leave=False)
+    if self.progress and chunks:  # a bar on a terminal only: in a log file it is a line per refresh
+      chunks = progress(chunks, desc=desc, leave=False)
     for idx in chunks:
       length = bucket_length(max(len(seqs[i]) for i in idx), self.min_len, self.max_len)
       tokens = np.zeros((self.batch_size, length), np.int32)

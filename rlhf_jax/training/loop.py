@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -24,7 +23,7 @@ from rlhf_jax.model.transformer import Transformer, init_params
 from rlhf_jax.training import cli
 from rlhf_jax.training import sharding as shd
 from rlhf_jax.training.checkpointing import Checkpointer
-from rlhf_jax.training.metrics import MetricsWriter, progress
+from rlhf_jax.training.metrics import MetricsWriter, StepClock, progress
 from rlhf_jax.training.optimizer import make_optimizer
 from rlhf_jax.training.train_state import TrainState, create_train_state, is_finite, state_shardings
 
@@ -157,22 +156,23 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
   saved_step = s.ckpt.latest_step()
   bar = progress(t.steps, desc=desc, disable=None if config.progress_bar else True)
   bar.update(start)
-  t0 = time.perf_counter()
   try:
     if start == 0 and t.get("eval_at_start", False):  # the starting point of a curve, e.g. KL = 0
       writer.write(0, evaluate(state.params))
+    clock = StepClock(start)
     for i in range(start + 1, t.steps + 1):
       state, metrics = step(state, int(state.data_position))
+      clock.stepped(metrics)
       guard.add(i, metrics)
       bar.update(1)
       saved = i % t.checkpoint_every == 0 or i == t.steps
       if i % t.log_every == 0 or i == t.steps:
         guard.check(saved_step, s.ckpt.directory)  # raises before anything bad is logged as good
         last = {k: float(v) for k, v in metrics.items()}  # the only host sync in the loop
-        last["steps_per_second"] = (i - start) / (time.perf_counter() - t0)
-        last["nonfinite_skips"] = guard.skipped
+        last.update(clock.rates(i), nonfinite_skips=guard.skipped)
         if i % t.eval_every == 0 or i == t.steps:
-          last.update(evaluate(state.params))
+          with clock.paused():
+            last.update(evaluate(state.params))
         writer.write(i, last)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
       stopping = preemption.requested  # polled once a step, after the (possibly long) evaluation

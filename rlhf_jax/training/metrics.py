@@ -10,19 +10,65 @@ Only one process should write a given logdir; on multi-host jobs construct the w
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
 import sys
+import time
 import uuid
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
+import jax
 import numpy as np
 import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 TB_DIR = "tb"
+# Wall-clock figures of a metrics row: two runs of the same steps differ in these and nothing else.
+TIMING_KEYS = ("steps_per_second", "first_step_seconds")
+
+
+def without_timings(row: Mapping[str, Any]) -> dict:
+  return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+class StepClock:
+  """The steady training rate of a loop that starts at step `start`. The first step a process
+  runs compiles it: that step is timed on its own (first_step_seconds, reported once), and
+  steps_per_second counts the steps after it, leaving out the time spent in `paused()` blocks
+  (evaluations)."""
+
+  def __init__(self, start: int):
+    self.start, self.t0 = start, time.perf_counter()
+    self.first: Optional[float] = None
+    self.since: Optional[float] = None
+    self.paused_seconds, self.reported_first = 0.0, False
+
+  def stepped(self, outputs: Any) -> None:
+    """After each step; on the first, waits for its outputs (one host sync per process)."""
+    if self.since is None:
+      jax.block_until_ready(outputs)
+      self.since = time.perf_counter()
+      self.first = self.since - self.t0
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.paused_seconds += time.perf_counter() - t
+
+  def rates(self, step: int) -> dict[str, float]:
+    """The timing keys to log at `step` (after at least one `stepped`)."""
+    out = {}
+    if not self.reported_first:
+      out["first_step_seconds"], self.reported_first = self.first, True
+    if step > self.start + 1:
+      out["steps_per_second"] = (step - self.start - 1) / (time.perf_counter() - self.since - self.paused_seconds)
+    return out
 
 
 def to_scalar(value: Any) -> Union[bool, int, float]:
