@@ -24,3 +24,8 @@ class NonFiniteError(UserError, FloatingPointError):
 
 class CheckpointError(UserError):
   """No checkpoint in a run directory restores cleanly."""
+
+
+class StorageError(UserError, OSError):
+  """A run directory on object storage cannot be read or written (missing bucket, refused
+  credentials, a server that stopped answering); the message names the URL."""

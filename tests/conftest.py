@@ -121,3 +121,20 @@ def micro_online_dir(micro_sweep_dir, tmp_path_factory):
     shutil.copytree(os.path.join(micro_sweep_dir, name), os.path.join(workdir, name))
   online.run_online(micro_online_config(), workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """One fake-gcs-server per session (bucket `runs`), with this process's environment pointed at
+  it; subprocesses get `gcs_server.env`."""
+  from fake_gcs import FakeGCS
+  server = FakeGCS(buckets=("runs",))
+  saved = {k: os.environ.get(k) for k in server.env}
+  os.environ.update(server.env)
+  yield server
+  server.kill()
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
