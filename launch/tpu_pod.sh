@@ -1,33 +1,45 @@
 #!/usr/bin/env bash
 # Run an rlhf_jax job on every worker of a Cloud TPU pod slice, its run directory in a GCS bucket.
 #
-#   launch/tpu_pod.sh [--spot] NAME ZONE ACCELERATOR --workdir=gs://BUCKET/PATH -- \
+#   launch/tpu_pod.sh [--spot] [--gcsfuse] NAME ZONE ACCELERATOR --workdir=gs://BUCKET/PATH -- \
 #       python -m rlhf_jax sweep --config=experiments/paper_sweep.py
 #
 # Creates the TPU VM if it does not exist, copies this checkout to every worker, installs the
-# package, mounts the bucket with gcsfuse at /mnt/gcs/BUCKET on every worker and starts the same
-# command on all workers at once (JAX SPMD: one process per host) with
-# --workdir=/mnt/gcs/BUCKET/PATH --jax_distributed. The run directory has to be one that every
+# package and starts the same command on all workers at once (JAX SPMD: one process per host)
+# with --workdir=gs://BUCKET/PATH --jax_distributed. The run directory has to be one that every
 # worker sees (orbax's multi-host checkpoints are written by all hosts into one directory) and
-# that outlives the slice (a preempted slice comes back with fresh disks): hence a bucket. The
-# code reads paths, not gs:// URLs; gcsfuse turns the bucket into one.
+# that outlives the slice (a preempted slice comes back with fresh disks): hence a bucket.
+#
+# By default the job gets the gs:// URL itself and writes the bucket directly: its files through
+# rlhf_jax.storage (etils.epath over gcsfs, installed with the package), its checkpoints through
+# orbax and tensorstore's GCS driver. Objects are written where they belong, never renamed as
+# directories through a FUSE mount (a copy of every object at 810M-52B parameters, atomic only on
+# a hierarchical-namespace bucket): orbax commits a checkpoint on GCS with its own marker file,
+# written last. No mount, no root, nothing more to install; credentials are the VM's service
+# account (application default credentials), as for gcloud. The sweep checks at start that it
+# can write there (a missing bucket or refused credentials: one line, exit 2).
+# --gcsfuse instead mounts the bucket with gcsfuse at /mnt/gcs/BUCKET on every worker and passes
+# --workdir=/mnt/gcs/BUCKET/PATH: for a user who wants the bucket as a filesystem there too, e.g.
+# to read data from it.
 #
 # Exit status: the job's (2: a mistake in the command line or config). 75 means preempted: the
 # sweep, the online job and every trainer exit 75 after checkpointing on SIGTERM; this script exits 75
 # when the slice went away under the job. Run the same command again: a PREEMPTED slice is deleted and created anew (a
 # deleted one just created) and the job resumes from stage_done.json and the checkpoints in the
 # bucket. --spot creates the slice as a Spot VM. TPU_SOFTWARE_VERSION picks the runtime image.
-# RLHF_JAX_DATA_DIR, if set, is set on every worker: a path they all see, such as a folder of the
-# job's bucket under /mnt/gcs/BUCKET (the checkout travels, the data do not).
+# RLHF_JAX_DATA_DIR, if set, is set on every worker: a path they all see (the checkout travels,
+# the data do not, and the data loaders read local paths, not gs:// URLs): a folder of the job's
+# bucket under /mnt/gcs/BUCKET with --gcsfuse, or a copy of the data on every worker.
 set -euo pipefail
-usage="usage: launch/tpu_pod.sh [--spot] NAME ZONE ACCELERATOR --workdir=gs://BUCKET/PATH -- COMMAND..."
+usage="usage: launch/tpu_pod.sh [--spot] [--gcsfuse] NAME ZONE ACCELERATOR --workdir=gs://BUCKET/PATH -- COMMAND..."
 refuse() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 why="every worker must see the same run directory, and a preempted slice loses its disks"
 
-spot="" workdir="" args=()
+spot="" gcsfuse="" workdir="" args=()
 while (( $# )) && [[ $1 != -- ]]; do
   case $1 in
     --spot) spot=--spot ;;
+    --gcsfuse) gcsfuse=1 ;;
     --workdir=*) workdir=${1#--workdir=} ;;
     --workdir) (( $# > 1 )) || refuse "--workdir needs a value; $usage"; workdir=$2; shift ;;
     -*) refuse "unknown option $1; $usage" ;;
@@ -40,31 +52,44 @@ if (( $# )); then shift; fi
 (( $# )) || refuse "no command after --; $usage"
 name=${args[0]} zone=${args[1]} accel=${args[2]}
 [[ -n $workdir ]] || refuse "--workdir=gs://BUCKET/PATH is required: $why"
-[[ $workdir =~ ^gs://([a-z0-9][-a-z0-9_.]*)/+([^/].*)$ ]] ||
+[[ $workdir =~ ^gs://([a-z0-9][-a-z0-9_.]*)/+([^/](.*[^/])?)/*$ ]] ||
   refuse "--workdir=$workdir is not a gs://BUCKET/PATH URL: $why"
-bucket=${BASH_REMATCH[1]} job_workdir=/mnt/gcs/${BASH_REMATCH[1]}/${BASH_REMATCH[2]%/}
+bucket=${BASH_REMATCH[1]} mount=/mnt/gcs/${BASH_REMATCH[1]}
+if [[ $gcsfuse ]]; then
+  job_workdir=$mount/${BASH_REMATCH[2]}
+else
+  job_workdir=gs://$bucket/${BASH_REMATCH[2]}
+fi
 for arg in "$@"; do
   case $arg in --workdir|--workdir=*) refuse "give the run directory to tpu_pod.sh, not to the command: $arg" ;; esac
 done
 data_dir=${RLHF_JAX_DATA_DIR:-}
-[[ $data_dir != gs://* ]] ||
-  refuse "RLHF_JAX_DATA_DIR=$data_dir: the code reads paths, not gs:// URLs; put the data in gs://$bucket" \
-    "and pass its path under /mnt/gcs/$bucket"
+# The data loaders read local paths; only the workdir's bucket is mounted, and only with --gcsfuse.
+copy="or copy the data onto every worker and pass that path"
+if [[ $data_dir == gs://* ]]; then
+  in_bucket=$mount/PATH
+  if [[ $data_dir == "gs://$bucket/"?* ]]; then in_bucket=$mount/${data_dir#"gs://$bucket/"}; fi
+  refuse "RLHF_JAX_DATA_DIR=$data_dir: the data loaders read local paths, not gs:// URLs; put the data" \
+    "in gs://$bucket, run with --gcsfuse and pass RLHF_JAX_DATA_DIR=$in_bucket, $copy"
+elif [[ $data_dir == /mnt/gcs/* && ! ( $gcsfuse && $data_dir == "$mount"/* ) ]]; then
+  refuse "RLHF_JAX_DATA_DIR=$data_dir: only --gcsfuse mounts a bucket on the workers, and only the" \
+    "workdir's, at $mount: run with --gcsfuse and pass a path under $mount, $copy"
+fi
 
 # Runs on every worker, sent over ssh as its source (declare -f): no quoting of its body.
 # shellcheck disable=SC2329
 on_worker() {
   set -euo pipefail
-  local bucket=$1 workdir=$2 data_dir=$3 mount=/mnt/gcs/$1
-  shift 3
-  if ! command -v gcsfuse >/dev/null; then  # Google's apt repository for Cloud Storage FUSE
+  local bucket=$1 gcsfuse=$2 workdir=$3 data_dir=$4 mount=/mnt/gcs/$1
+  shift 4
+  if [[ $gcsfuse ]] && ! command -v gcsfuse >/dev/null; then  # Google's apt repository for Cloud Storage FUSE
     local key=/usr/share/keyrings/cloud.google.asc repo=https://packages.cloud.google.com/apt
     curl -fsSL "$repo/doc/apt-key.gpg" | sudo tee "$key" >/dev/null
     echo "deb [signed-by=$key] $repo gcsfuse-$(lsb_release -cs) main" |
       sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
     sudo apt-get update -q && sudo apt-get install -y -q gcsfuse
   fi
-  if ! mountpoint -q "$mount"; then
+  if [[ $gcsfuse ]] && ! mountpoint -q "$mount"; then
     sudo mkdir -p "$mount" && sudo chown "$(id -u):$(id -g)" "$mount"
     # --implicit-dirs: directories that exist only as object-name prefixes are seen. Renames on
     # gcsfuse are copy + delete, not atomic: a file renamed into place appears whole (GCS writes
@@ -126,7 +151,7 @@ tar czf "$tmp/rlhf_jax.tgz" -C "$repo" --exclude=./.venv --exclude=./runs --excl
 gcloud compute tpus tpu-vm scp "$tmp/rlhf_jax.tgz" "$name":rlhf_jax.tgz --zone "$zone" --worker=all
 status=0
 gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all \
-  --command "$(declare -f on_worker); on_worker $(printf '%q ' "$bucket" "$job_workdir" "$data_dir" "$@")" || status=$?
+  --command "$(declare -f on_worker); on_worker $(printf '%q ' "$bucket" "$gcsfuse" "$job_workdir" "$data_dir" "$@")" || status=$?
 # gcloud exits with the first failing worker's status; a slice that vanished shows up as ssh
 # failures, which the slice's state tells apart from the job's own failure.
 if (( status != 0 && status != 75 )); then

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import os
 import posixpath
@@ -206,6 +207,14 @@ def move(src: PathLike, dst: PathLike) -> None:
     p.rmtree()
   else:
     p.rename(_epath(dst))
+
+
+def save_figure(fig: Any, path: PathLike, **savefig_kwargs: Any) -> str:
+  """A matplotlib figure written to `path` (its format from the suffix); returns the path."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format=os.fspath(path).rsplit(".", 1)[-1], **savefig_kwargs)
+  write_atomic(path, buf.getvalue())
+  return os.fspath(path)
 
 
 def copy(src: PathLike, dst: PathLike) -> None:

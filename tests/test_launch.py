@@ -3,7 +3,7 @@
 No cloud here: each fake appends its argv as one JSON line to a log and emulates just enough. The
 fake gcloud keeps the TPU VM's state in a file (create, delete and a preemption change it), copies
 the tarball into a fake worker home on scp, and runs the ssh --command there with bash, so the
-worker side (mount, unpack, install, start) really runs, down to a fake .venv/bin/python that logs
+worker side (mount with --gcsfuse, unpack, install, start) really runs, down to a fake .venv/bin/python that logs
 the job's argv and exits with $FAKE_JOB_STATUS. The fake srun runs `test` steps locally.
 """
 
@@ -122,14 +122,20 @@ def gcloud_verbs(calls):
 JOB = ["python", "-m", "rlhf_jax", "sweep", "--config=experiments/paper_sweep.py", "--config.mesh.shape=(1,-1,1)",
        "--config.name=two words"]
 POD = ["my-tpu", "us-central2-b", "v4-32", "--workdir=gs://my-bucket/sweeps/paper"]
-JOB_ARGV = JOB[1:] + ["--workdir=/mnt/gcs/my-bucket/sweeps/paper", "--jax_distributed"]
+JOB_ARGV = JOB[1:] + ["--workdir=gs://my-bucket/sweeps/paper", "--jax_distributed"]  # the default: the bucket itself
+FUSE_ARGV = JOB[1:] + ["--workdir=/mnt/gcs/my-bucket/sweeps/paper", "--jax_distributed"]  # --gcsfuse
 
 
 def job_calls(calls):
   return [c for c in calls if c["tool"] == "job"]
 
 
-def test_tpu_fresh_slice_creates_copies_mounts_installs_and_runs(sandbox):
+def worker_tools(calls):
+  return [c["tool"] for c in calls if c["tool"] != "gcloud"]
+
+
+def test_tpu_fresh_slice_creates_copies_installs_and_runs_on_the_bucket(sandbox):
+  (sandbox[0] / "bin" / "gcsfuse").unlink()  # a fresh TPU image has none, and needs none
   p, calls = run(sandbox, "tpu_pod.sh", *POD, "--", *JOB)
   assert p.returncode == 0, p.stderr
   assert gcloud_verbs(calls) == ["describe", "create", "scp", "ssh"]
@@ -138,12 +144,9 @@ def test_tpu_fresh_slice_creates_copies_mounts_installs_and_runs(sandbox):
   assert create[4:] == ["my-tpu", "--zone", "us-central2-b", "--accelerator-type", "v4-32",
                         "--version", "tpu-ubuntu2204-base"]
   assert "--worker=all" in scp and "--worker=all" in ssh
-  # The worker side ran in order: mount the bucket, install, then the job with the mounted workdir.
-  tools = [c["tool"] for c in calls if c["tool"] != "gcloud"]
-  assert tools == ["mountpoint", "sudo", "sudo", "gcsfuse", "uv", "uv", "job"]
-  (gcsfuse,) = [c["args"] for c in calls if c["tool"] == "gcsfuse"]
-  assert "--implicit-dirs" in gcsfuse and gcsfuse[-2:] == ["my-bucket", "/mnt/gcs/my-bucket"]
-  assert ["mkdir", "-p", "/mnt/gcs/my-bucket"] in [c["args"] for c in calls if c["tool"] == "sudo"]
+  # The worker side ran in order: install, then the job with the gs:// workdir. No mount: no
+  # gcsfuse, mountpoint, sudo or curl (which would fetch gcsfuse's apt key) on the worker.
+  assert worker_tools(calls) == ["uv", "uv", "job"]
   install = [c["args"] for c in calls if c["tool"] == "uv"][1]
   assert install[:1] == ["pip"] and "-e" in install and "jax[tpu]" in install
   (job,) = job_calls(calls)
@@ -154,6 +157,30 @@ def test_tpu_fresh_slice_creates_copies_mounts_installs_and_runs(sandbox):
     names = {n.lstrip("./") for n in tar.getnames()}
   assert {"launch/tpu_pod.sh", "pyproject.toml"} <= names
   assert not [n for n in names if n.split("/")[0] in (".git", "runs", ".venv")]
+
+
+def test_tpu_gcsfuse_mounts_the_bucket_and_runs_on_the_mount(sandbox):
+  p, calls = run(sandbox, "tpu_pod.sh", "--gcsfuse", *POD, "--", *JOB)
+  assert p.returncode == 0, p.stderr
+  assert gcloud_verbs(calls) == ["describe", "create", "scp", "ssh"]
+  # mountpoint (not mounted yet), the mount point made and given to the user, the mount, install.
+  assert worker_tools(calls) == ["mountpoint", "sudo", "sudo", "gcsfuse", "uv", "uv", "job"]
+  (gcsfuse,) = [c["args"] for c in calls if c["tool"] == "gcsfuse"]
+  assert "--implicit-dirs" in gcsfuse and gcsfuse[-2:] == ["my-bucket", "/mnt/gcs/my-bucket"]
+  assert ["mkdir", "-p", "/mnt/gcs/my-bucket"] in [c["args"] for c in calls if c["tool"] == "sudo"]
+  (job,) = job_calls(calls)
+  assert job["args"] == FUSE_ARGV
+
+
+@pytest.mark.parametrize("workdir", ["gs://my-bucket//sweeps/paper/", "gs://my-bucket/sweeps/paper//"])
+def test_tpu_normalises_the_workdir_url(sandbox, workdir):
+  (sandbox[0] / "tpu_state").write_text("READY")
+  p, calls = run(sandbox, "tpu_pod.sh", *POD[:3], f"--workdir={workdir}", "--", *JOB)
+  assert p.returncode == 0, p.stderr
+  assert job_calls(calls)[0]["args"] == JOB_ARGV
+  p, calls = run(sandbox, "tpu_pod.sh", "--gcsfuse", *POD[:3], "--workdir", workdir, "--", *JOB)
+  assert p.returncode == 0, p.stderr
+  assert job_calls(calls)[0]["args"] == FUSE_ARGV
 
 
 def test_tpu_ready_slice_is_reused(sandbox):
@@ -175,9 +202,9 @@ def test_tpu_preempted_slice_is_recreated_and_the_same_job_resumes(sandbox):
   assert "--quiet" in [c for c in again if c["tool"] == "gcloud"][1]["args"]
   assert "recreating" in p.stderr
   # Resume, not restart: the very same command and workdir (the trainers pick up stage_done.json
-  # and checkpoints there), and nothing on the worker removes anything under the mount.
+  # and checkpoints there), and nothing on the worker removes anything in the bucket.
   assert job_calls(again)[0]["args"] == job_calls(first)[0]["args"] == JOB_ARGV
-  assert not [c for c in again if c["tool"] == "sudo" and "rm" in c["args"]]
+  assert not {"gcsfuse", "mountpoint", "sudo"} & set(worker_tools(again))
 
 
 def test_tpu_slice_lost_under_the_job_exits_75(sandbox):
@@ -199,6 +226,11 @@ def test_tpu_job_status_is_propagated(sandbox):
     (["my-tpu", "us-central2-b", "v4-32", "--workdir=runs/sweep"], "not a gs://BUCKET/PATH URL"),
     (["my-tpu", "us-central2-b", "v4-32", "--workdir=/tmp/sweep"], "not a gs://BUCKET/PATH URL"),
     (["my-tpu", "us-central2-b", "v4-32", "--workdir=gs://my-bucket"], "not a gs://BUCKET/PATH URL"),
+    (["my-tpu", "us-central2-b", "v4-32", "--workdir=gs://my-bucket/"], "not a gs://BUCKET/PATH URL"),
+    (["my-tpu", "us-central2-b", "v4-32", "--workdir=gs://"], "not a gs://BUCKET/PATH URL"),
+    (["my-tpu", "us-central2-b", "v4-32", "--workdir=gs:/x"], "not a gs://BUCKET/PATH URL"),
+    (["my-tpu", "us-central2-b", "v4-32", "--gcsfuse", "--workdir=gs:/x"], "not a gs://BUCKET/PATH URL"),
+    (["my-tpu", "us-central2-b", "v4-32", "--workdir=/mnt/gcs/my-bucket/x"], "not a gs://BUCKET/PATH URL"),
     (["my-tpu", "us-central2-b", "--workdir=gs://b/p"], "NAME ZONE ACCELERATOR expected"),
 ])
 def test_tpu_refuses_a_workdir_workers_do_not_share(sandbox, args, says):
@@ -220,13 +252,34 @@ def test_tpu_sets_the_data_setting_on_every_worker(sandbox):
   p, calls = run(sandbox, "tpu_pod.sh", *POD, "--", *JOB)
   assert p.returncode == 0, p.stderr
   assert job_calls(calls)[0]["RLHF_JAX_DATA_DIR"] is None  # unset: the job uses the bundled samples
-  p, calls = run(sandbox, "tpu_pod.sh", *POD, "--", *JOB, RLHF_JAX_DATA_DIR="/mnt/gcs/my-bucket/data dir")
+  # A copy on every worker, with the bucket written directly.
+  p, calls = run(sandbox, "tpu_pod.sh", *POD, "--", *JOB, RLHF_JAX_DATA_DIR="/data/rlhf copy")
   assert p.returncode == 0, p.stderr
   (job,) = job_calls(calls)
-  assert job["RLHF_JAX_DATA_DIR"] == "/mnt/gcs/my-bucket/data dir" and job["args"] == JOB_ARGV
-  p, calls = run(sandbox, "tpu_pod.sh", *POD, "--", *JOB, RLHF_JAX_DATA_DIR="gs://my-bucket/data")
+  assert job["RLHF_JAX_DATA_DIR"] == "/data/rlhf copy" and job["args"] == JOB_ARGV
+  # A folder of the mounted bucket, with --gcsfuse.
+  p, calls = run(sandbox, "tpu_pod.sh", "--gcsfuse", *POD, "--", *JOB, RLHF_JAX_DATA_DIR="/mnt/gcs/my-bucket/data dir")
+  assert p.returncode == 0, p.stderr
+  (job,) = job_calls(calls)
+  assert job["RLHF_JAX_DATA_DIR"] == "/mnt/gcs/my-bucket/data dir" and job["args"] == FUSE_ARGV
+
+
+@pytest.mark.parametrize("gcsfuse, data_dir, says", [
+    # The data loaders read local paths: a URL is refused, saying how to make it one.
+    ([], "gs://my-bucket/data", ["local paths, not gs:// URLs", "--gcsfuse",
+                                 "RLHF_JAX_DATA_DIR=/mnt/gcs/my-bucket/data", "copy the data onto every worker"]),
+    (["--gcsfuse"], "gs://my-bucket/data", ["local paths, not gs:// URLs", "RLHF_JAX_DATA_DIR=/mnt/gcs/my-bucket/data"]),
+    ([], "gs://other-bucket/data", ["local paths, not gs:// URLs", "gs://my-bucket", "--gcsfuse"]),
+    # A mount path that no worker has: the bucket is mounted only with --gcsfuse, and only the workdir's.
+    ([], "/mnt/gcs/my-bucket/data", ["only --gcsfuse mounts a bucket", "copy the data onto every worker"]),
+    (["--gcsfuse"], "/mnt/gcs/other-bucket/data", ["only the workdir's, at /mnt/gcs/my-bucket"]),
+])
+def test_tpu_refuses_a_data_dir_the_workers_cannot_read(sandbox, gcsfuse, data_dir, says):
+  p, calls = run(sandbox, "tpu_pod.sh", *gcsfuse, *POD, "--", *JOB, RLHF_JAX_DATA_DIR=data_dir)
   assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and calls == []
-  assert "not gs:// URLs" in p.stderr and "/mnt/gcs/my-bucket" in p.stderr
+  assert f"RLHF_JAX_DATA_DIR={data_dir}:" in p.stderr
+  for words in says:
+    assert words in p.stderr
 
 
 SHARED_JOB = ["python", "-m", "rlhf_jax", "sweep", "--config=experiments/paper_sweep.py"]
@@ -247,6 +300,22 @@ def test_slurm_runs_the_job_on_every_node_with_a_shared_workdir(sandbox, workdir
   assert not [c for c in calls if c["tool"] == "scontrol"]
 
 
+@pytest.mark.parametrize("workdir_args", [["--workdir=gs://bucket/run"], ["--workdir", "gs://bucket/run"]])
+def test_slurm_runs_the_job_on_every_node_with_a_bucket_workdir(sandbox, workdir_args):
+  job = SHARED_JOB + workdir_args
+  p, calls = run(sandbox, "slurm_gpu.sbatch", "--", *job)
+  assert p.returncode == 0, p.stderr
+  # No visibility check (a bucket is the same from every node): the one srun is the job, on every
+  # node, with the URL unchanged.
+  (step,) = [c["args"] for c in calls if c["tool"] == "srun"]
+  assert "--ntasks-per-node=1" in step
+  assert step[step.index(".venv/bin/python"):] == [".venv/bin/python"] + job[1:] + ["--jax_distributed"]
+  assert calls[-1]["JAX_LOCAL_DEVICE_IDS"] == "0,1"
+  # Nothing local was made of the URL (mkdir -p gs://bucket/run would make ./gs:/bucket/run).
+  tmp_path, repo, _ = sandbox
+  assert not (repo / "gs:").exists() and not (tmp_path / "gs:").exists()
+
+
 def test_slurm_job_inherits_the_data_setting(sandbox):
   p, calls = run(sandbox, "slurm_gpu.sbatch", "--", *SHARED_JOB, f"--workdir={sandbox[0] / 'shared'}",
                  RLHF_JAX_DATA_DIR="/nfs/data")
@@ -265,7 +334,12 @@ def test_slurm_counts_gpus_with_nvidia_smi(sandbox):
 
 @pytest.mark.parametrize("workdir, env, says", [
     ([], {}, "--workdir=DIR is required"),
-    (["--workdir=gs://my-bucket/sweep"], {}, "mount the bucket on every node"),
+    (["--workdir=gs://"], {}, "not a gs://BUCKET/PATH URL"),
+    (["--workdir=gs://my-bucket"], {}, "not a gs://BUCKET/PATH URL"),
+    (["--workdir=gs://my-bucket/"], {}, "not a gs://BUCKET/PATH URL"),
+    (["--workdir=gs:/x"], {}, "not a gs://BUCKET/PATH URL"),
+    (["--workdir=s3://my-bucket/sweep"], {}, "not a gs://BUCKET/PATH URL"),
+    (["--workdir=gs://my-bucket/sweep", "--workdir", "gs:/x"], {}, "not a gs://BUCKET/PATH URL"),  # the last one counts
     (["--workdir=LOCAL"], {"FAKE_NODE_LOCAL": "1"}, "not visible from every node"),
 ])
 def test_slurm_refuses_a_workdir_nodes_do_not_share(sandbox, workdir, env, says):
@@ -276,6 +350,8 @@ def test_slurm_refuses_a_workdir_nodes_do_not_share(sandbox, workdir, env, says)
   assert [c["args"][-3:-1] for c in calls] == ([["test", "-e"]] if env else [])  # the job never started
   if env:
     assert os.listdir(sandbox[0] / "local") == []
+  tmp_path, repo, _ = sandbox
+  assert not (repo / "gs:").exists() and not (repo / "s3:").exists()  # no local directory named after a URL
 
 
 def test_slurm_requeues_a_preempted_job(sandbox):

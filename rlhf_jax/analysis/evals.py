@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from rlhf_jax import storage
 from rlhf_jax.errors import DataError
 from rlhf_jax.evals.suite import headline
 
@@ -24,10 +24,9 @@ def load_evals(workdir: str, sizes: Sequence[str]) -> list[dict]:
   """One evals.json per size, in size order."""
   out = []
   for size in sizes:
-    path = os.path.join(workdir, f"evals_{size}", "evals.json")
+    path = storage.join(workdir, f"evals_{size}", "evals.json")
     try:
-      with open(path, encoding="utf-8") as f:
-        out.append(json.load(f))
+      out.append(json.loads(storage.read_text(path)))
     except (OSError, json.JSONDecodeError) as e:
       raise DataError(f"{path}: cannot read the evaluations of size {size} ({e})") from None
   return out
@@ -132,16 +131,14 @@ def elo_figure(evals: Sequence[dict]) -> Figure:
 def analyse(workdir: str, sizes: Sequence[str]) -> dict[str, str]:
   evals = load_evals(workdir, sizes)
   rows = tax_rows(evals)
-  out_dir = os.path.join(workdir, "analysis")
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {"alignment_tax_table": os.path.join(out_dir, "alignment_tax.md")}
-  with open(paths["alignment_tax_table"], "w", encoding="utf-8") as f:
-    f.write(tax_table(rows))
+  out_dir = storage.join(workdir, "analysis")
+  storage.makedirs(out_dir)
+  paths = {"alignment_tax_table": storage.join(out_dir, "alignment_tax.md")}
+  storage.write_atomic(paths["alignment_tax_table"], tax_table(rows))
   figures = {"alignment_tax_plot": (alignment_tax_figure(rows), "alignment_tax.png"),
              "bias_plot": (bias_figure(rows), "bias_before_after.png")}
   if any(e.get("elo") for e in evals):
     figures["elo_plot"] = (elo_figure(evals), "elo_vs_sqrt_kl.png")
   for key, (fig, name) in figures.items():
-    paths[key] = os.path.join(out_dir, name)
-    fig.savefig(paths[key], dpi=120)
+    paths[key] = storage.save_figure(fig, storage.join(out_dir, name), dpi=120)
   return paths

@@ -10,6 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from rlhf_jax import storage
 from rlhf_jax.analysis.fits import gao_curve
 from rlhf_jax.analysis.results import mean_curves
 
@@ -103,8 +104,7 @@ def _paper(rows_or_fits: Sequence[dict]) -> list[dict]:
 
 
 def _save(fig: Figure, path: str) -> str:
-  fig.savefig(path, dpi=120)
-  return path
+  return storage.save_figure(fig, path, dpi=120)
 
 
 def plot_reward_vs_sqrt_kl(rows: Sequence[dict], fits: Sequence[dict], path: str) -> str:

@@ -11,11 +11,11 @@ Written by rlhf_jax.analysis.report.analyse into <run_dir>/analysis/: methods.md
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.analysis import figures as scaling_figures
 from rlhf_jax.analysis import results as sweep_results
 from rlhf_jax.analysis import tables as scaling_tables
@@ -85,8 +85,8 @@ def frontier_figure(rows: Sequence[dict]):
 
 
 def write(rows: Sequence[dict], fits: Sequence[dict], out_dir: str) -> dict[str, str]:
-  table = os.path.join(out_dir, "methods.md")
-  with open(table, "w", encoding="utf-8") as f:
-    f.write(format_table(rows, fits) + "\n")
+  table = storage.join(out_dir, "methods.md")
+  storage.write_atomic(table, format_table(rows, fits) + "\n")
   return {"methods_table": table,
-          "methods_frontier": scaling_figures._save(frontier_figure(rows), os.path.join(out_dir, "methods_frontier.png"))}
+          "methods_frontier": storage.save_figure(frontier_figure(rows), storage.join(out_dir, "methods_frontier.png"),
+                                                  dpi=120)}

@@ -6,22 +6,21 @@ size and round: mean and spread over seeds), gold_vs_round.png and elo_vs_round.
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from rlhf_jax import storage
 from rlhf_jax.errors import DataError
 
 METRICS = ("labels_so_far", "sqrt_kl", "proxy", "gold", "pm_acc_on_policy", "pm_acc_on_initial", "agreement", "elo")
 
 
 def load_rows(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "online.jsonl")
+  path = storage.join(workdir, "online.jsonl")
   try:
-    with open(path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f"{path}: cannot read the online results ({e})") from None
 
@@ -99,12 +98,11 @@ def elo_figure(summary: Sequence[dict]) -> Figure:
 
 def analyse(workdir: str) -> dict[str, str]:
   summary = summarise(load_rows(workdir))
-  out_dir = os.path.join(workdir, "analysis")
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {"table": os.path.join(out_dir, "online.md"), "gold_plot": os.path.join(out_dir, "gold_vs_round.png"),
-           "elo_plot": os.path.join(out_dir, "elo_vs_round.png")}
-  with open(paths["table"], "w", encoding="utf-8") as f:
-    f.write(table(summary))
-  gold_figure(summary).savefig(paths["gold_plot"], dpi=120)
-  elo_figure(summary).savefig(paths["elo_plot"], dpi=120)
+  out_dir = storage.join(workdir, "analysis")
+  storage.makedirs(out_dir)
+  paths = {"table": storage.join(out_dir, "online.md"), "gold_plot": storage.join(out_dir, "gold_vs_round.png"),
+           "elo_plot": storage.join(out_dir, "elo_vs_round.png")}
+  storage.write_atomic(paths["table"], table(summary))
+  storage.save_figure(gold_figure(summary), paths["gold_plot"], dpi=120)
+  storage.save_figure(elo_figure(summary), paths["elo_plot"], dpi=120)
   return paths

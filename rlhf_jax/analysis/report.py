@@ -10,9 +10,9 @@ KL (rlhf_jax.analysis.methods): methods.md, methods_frontier.png.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
+from rlhf_jax import storage
 from rlhf_jax.analysis import methods as method_frontier
 from rlhf_jax.analysis.figures import plot_proxy_vs_gold, plot_reward_vs_sqrt_kl, plot_slope_vs_size
 from rlhf_jax.analysis.fits import fit_all
@@ -26,17 +26,17 @@ ANALYSIS_DIR = "analysis"
 def analyse(run_dir: str) -> dict[str, str]:
   """Loads <run_dir>/results.jsonl, fits every series, writes the table, fits.json and the three
   plots into <run_dir>/analysis/; returns their paths by name."""
-  rows = load_results(os.path.join(run_dir, RESULTS_FILE))
+  rows = load_results(storage.join(run_dir, RESULTS_FILE))
   fits = fit_all(rows)
-  out = os.path.join(run_dir, ANALYSIS_DIR)
-  os.makedirs(out, exist_ok=True)
-  table, fits_json = write_table(fits, os.path.join(out, "scaling.md"))
+  out = storage.join(run_dir, ANALYSIS_DIR)
+  storage.makedirs(out)
+  table, fits_json = write_table(fits, storage.join(out, "scaling.md"))
   return {
       "table": table,
       "fits": fits_json,
-      "reward_vs_sqrt_kl": plot_reward_vs_sqrt_kl(rows, fits, os.path.join(out, "reward_vs_sqrt_kl.png")),
-      "proxy_vs_gold": plot_proxy_vs_gold(rows, os.path.join(out, "proxy_vs_gold.png")),
-      "slope_vs_size": plot_slope_vs_size(fits, os.path.join(out, "slope_vs_size.png")),
+      "reward_vs_sqrt_kl": plot_reward_vs_sqrt_kl(rows, fits, storage.join(out, "reward_vs_sqrt_kl.png")),
+      "proxy_vs_gold": plot_proxy_vs_gold(rows, storage.join(out, "proxy_vs_gold.png")),
+      "slope_vs_size": plot_slope_vs_size(fits, storage.join(out, "slope_vs_size.png")),
       **method_frontier.write(rows, fits, out),
   }
 
@@ -49,8 +49,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
     cli.fail("usage: python -m rlhf_jax analyse RUN_DIR")
   paths = analyse(argv[1])
-  with open(paths["table"]) as f:
-    print(f.read())
+  print(storage.read_text(paths["table"]))
   for name, path in paths.items():
     print(f"{name}: {path}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Sequence
 
 import numpy as np
@@ -64,19 +63,18 @@ def load_results(run_dir_or_file: str) -> list[dict]:
 
   A missing or ill-typed field raises ValueError naming the file, line and field."""
   path = run_dir_or_file
-  if os.path.isdir(path):
-    path = os.path.join(path, RESULTS_FILE)
+  if storage.isdir(path):
+    path = storage.join(path, RESULTS_FILE)
   rows = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-      rows.append(_check_row(row, where))
+  for lineno, line in enumerate(storage.read_text(path).splitlines(), start=1):
+    if not line.strip():
+      continue
+    where = f"{path}:{lineno}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    rows.append(_check_row(row, where))
   if not rows:
     raise ValueError(f"{path}: no results")
   return rows
@@ -114,3 +112,4 @@ def mean_curves(rows: Sequence[dict]) -> dict[tuple[str, str], dict[str, np.ndar
       curve[field] = np.array([values[index == i].mean() for i in range(len(points))])
     curves[key] = curve
   return curves
+from rlhf_jax import storage

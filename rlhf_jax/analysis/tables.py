@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Sequence
 
 _TABLE_COLUMNS = (("size", "size"), ("params", "params"), ("method", "method"),
@@ -34,11 +33,10 @@ def format_table(fits: Sequence[dict]) -> str:
 
 def write_table(fits: Sequence[dict], path: str) -> tuple[str, str]:
   """Writes the Markdown table to path and the fits to fits.json beside it; returns both paths."""
-  with open(path, "w") as f:
-    f.write(format_table(fits) + "\n")
-  json_path = os.path.join(os.path.dirname(path), "fits.json")
+  storage.write_atomic(path, format_table(fits) + "\n")
+  json_path = storage.join(storage.dirname(path), "fits.json")
   # JSON has no NaN: an undefined R^2 is written as null.
   clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in fit.items()} for fit in fits]
-  with open(json_path, "w") as f:
-    json.dump(clean, f, indent=1, allow_nan=False)
+  storage.write_atomic(json_path, json.dumps(clean, indent=1, allow_nan=False))
   return path, json_path
+from rlhf_jax import storage

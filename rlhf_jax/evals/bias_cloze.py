@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.evals.loglik import encode_requests
 
 OCCUPATIONS = (
@@ -88,5 +89,4 @@ def plot(result: dict, path: str, title: str = "") -> str:
   ax.set_xlabel("log P(female term) - log P(male term)")
   ax.set_title(title or f"occupation bias (mean |bias| = {result['mean_abs_bias']:.3f})")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return path
+  return storage.save_figure(fig, path, dpi=120)

@@ -9,12 +9,11 @@ PNG plots (bias_cloze_policy.png, winogender_policy.png).
 """
 from __future__ import annotations
 
-import os
-
 import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
+from rlhf_jax import storage
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evals import policy_elo, suite
@@ -64,16 +63,16 @@ def evaluate(config) -> dict:
   mesh = shd.make_mesh(config.mesh.shape)
   policy = load_policy(config.policy_dir, mesh, None if config.step < 0 else config.step)
   tok = load_tokenizer(policy.tokenizer_dir)
-  out_dir = config.out_dir or os.path.join(config.policy_dir, "evals")
+  out_dir = config.out_dir or storage.join(config.policy_dir, "evals")
   scorer = Scorer(policy.params, policy.model.cfg, mesh, batch_size=config.batch_size, progress=config.progress_bar)
-  results = {"policy_dir": os.path.abspath(config.policy_dir), "step": policy.step}
+  results = {"policy_dir": storage.absolute(config.policy_dir), "step": policy.step}
   results |= suite.run_suites(suites, scorer, tok, config, out_dir, "policy")
   if "elo" in suites:
     results["elo"] = run_elo(config, mesh, tok)
   if jax.process_index() == 0:
-    suite.write_json(os.path.join(out_dir, "evals.json"), results)
-    with open(os.path.join(out_dir, "evals.md"), "w", encoding="utf-8") as f:
-      f.write(suite.markdown({os.path.basename(os.path.normpath(config.policy_dir)): results}))
+    suite.write_json(storage.join(out_dir, "evals.json"), results)
+    storage.write_atomic(storage.join(out_dir, "evals.md"),
+                         suite.markdown({storage.basename(config.policy_dir): results}))
   return {"out_dir": out_dir, "results": results}
 
 
@@ -86,8 +85,7 @@ def main_factory():
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     out = evaluate(config_flag.value)
-    with open(os.path.join(out["out_dir"], "evals.md"), encoding="utf-8") as f:
-      print(f.read())
+    print(storage.read_text(storage.join(out["out_dir"], "evals.md")))
     if "elo" in out["results"]:
       for name, elo in out["results"]["elo"]["elo"].items():
         print(f"elo {name}: {elo:+.0f}")

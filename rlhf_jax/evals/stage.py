@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 
+from rlhf_jax import storage
 from rlhf_jax.evals import policy_elo, suite
 from rlhf_jax.evals.loglik import Scorer
 from rlhf_jax.trainers.best_of_n import analytic_kl
@@ -35,7 +35,7 @@ def snapshot_elo(initial, ppo_dir: str, judge, selector, prompts: dict, kl_by_st
   PPO snapshots saved in ppo_dir and best-of-n."""
   from rlhf_jax.training.checkpointing import Checkpointer
   from rlhf_jax.training.saved_runs import load_policy
-  with Checkpointer(os.path.join(ppo_dir, "checkpoints")) as ckpt:
+  with Checkpointer(storage.join(ppo_dir, "checkpoints")) as ckpt:
     steps = ckpt.all_steps()
   contestants = [policy_elo.Contestant("initial", initial)]
   kls = [0.0]

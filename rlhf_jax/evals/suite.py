@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data import locations
 from rlhf_jax.data.dialogue import ASSISTANT, HUMAN
 from rlhf_jax.errors import ConfigError
@@ -82,12 +83,12 @@ def run_one(name: str, scorer, tok, cfg, out_dir: str, tag: str) -> dict:
     pairs = tuple(tuple(p.split(",")) if isinstance(p, str) else tuple(p) for p in c.pairs)
     result = bias_cloze.evaluate(scorer, tok, tuple(c.occupations) or bias_cloze.OCCUPATIONS,
                                  pairs or bias_cloze.GENDER_PAIRS, tuple(c.templates), seed=seed)
-    bias_cloze.plot(result, os.path.join(out_dir, f"bias_cloze_{tag}.png"), title=f"occupation bias ({tag})")
+    bias_cloze.plot(result, storage.join(out_dir, f"bias_cloze_{tag}.png"), title=f"occupation bias ({tag})")
     return result
   if name == "winogender":
     data = winogender.load_winogender(cfg.winogender.path or (full_data_dir("winogender") if cfg.full else None))
     result = winogender.evaluate(scorer, tok, data)
-    winogender.plot(result, data, os.path.join(out_dir, f"winogender_{tag}.png"))
+    winogender.plot(result, data, storage.join(out_dir, f"winogender_{tag}.png"))
     return result
   if name == "bbq":
     return bbq.evaluate(scorer, tok, _bbq_records(cfg))
@@ -127,7 +128,7 @@ def _mean_over_tasks(tasks: dict) -> dict:
 
 
 def run_suites(suites: list[str], scorer, tok, cfg, out_dir: str, tag: str) -> dict:
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   return {name: run_one(name, scorer, tok, cfg, out_dir, tag) for name in suites if name in PER_MODEL}
 
 
@@ -160,8 +161,5 @@ def markdown(results_by_policy: dict[str, dict]) -> str:
 
 
 def write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(tmp, "wt", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  text = json.dumps(obj, indent=1)
+  storage.write_atomic(path, gzip.compress(text.encode("utf-8"), mtime=0) if path.endswith(".gz") else text)

@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.errors import DataError
 from rlhf_jax.evals.loglik import encode_requests
 from rlhf_jax.objectives.calibration import Z95
@@ -179,5 +180,4 @@ def plot(result: dict, data: Winogender, path: str) -> str:
   ax.set_title(f"Winogender: r = {result['pearson_r']:.3f} [{lo:.2f}, {hi:.2f}], "
                f"{result['n_occupations']} occupations", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return path
+  return storage.save_figure(fig, path, dpi=120)

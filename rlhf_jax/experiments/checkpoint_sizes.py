@@ -13,12 +13,11 @@ must name checkpoints with byte-identical tokenizer files, checked before anythi
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Optional, Sequence
 
 import jax
 
+from rlhf_jax import storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.experiments.stages import STAGE_DONE, Stage, barrier
 from rlhf_jax.hf import config as hf_config
@@ -89,8 +88,8 @@ def provenance(config, workdir: str, name: str) -> dict:
   ref = source(config, name)
   if ref is None:
     return {}
-  with open(os.path.join(workdir, f"lm_{name}", STAGE_DONE), encoding="utf-8") as f:
-    return {"source": ref, "source_hash": json.load(f)["settings"]["source_hash"]}
+  done = json.loads(storage.read_text(storage.join(workdir, f"lm_{name}", STAGE_DONE)))
+  return {"source": ref, "source_hash": done["settings"]["source_hash"]}
 
 
 def import_stage(config, workdir: str, name: str, mesh_shape: Sequence[int]) -> Stage:
@@ -103,8 +102,8 @@ def import_stage(config, workdir: str, name: str, mesh_shape: Sequence[int]) -> 
     # The import writes a new directory and renames it into place: the one the runner made (or a
     # killed import left without stage_done.json) goes first.
     if jax.process_index() == 0:
-      shutil.rmtree(d)
+      storage.rmtree(d)
     barrier(f"{stage_name}: cleared")
     runs.import_into(ref, d, runtime, tuple(mesh_shape))
-    return {"source": ref, "source_path": os.path.abspath(runs.source_path(ref))}
+    return {"source": ref, "source_path": storage.absolute(runs.source_path(ref))}
   return Stage(stage_name, settings(config, name), run)

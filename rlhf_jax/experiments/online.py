@@ -24,22 +24,24 @@ rerun when a stage they read from runs again.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.experiments import stage_configs, sweep
 from rlhf_jax.experiments.simulated_labeller import expected_agreement, noisy_preferences, tau_for_agreement
 from rlhf_jax.experiments.stages import (
+  STAGE_DONE,
   Stage,
   barrier,
   experiment_main,
   override,
+  read_jsonl,
   run_stages,
   write_jsonl,
 )
@@ -86,7 +88,7 @@ def stage_name(kind: str, arm: str, size: str, seed: int, r: int) -> str:
 
 
 def _dir(workdir: str, *name) -> str:
-  return os.path.join(workdir, stage_name(*name))
+  return storage.join(workdir, stage_name(*name))
 
 
 def _sources(arm: str, r: int, n: int, mix: float, workdir: str, size: str, seed: int, initial: str) -> list[str]:
@@ -112,7 +114,7 @@ def apply_labeller(records: list[dict], agreement: float, rng: np.random.Generat
 
 def _labels_stage(config, workdir: str, arm: str, size: str, seed: int, r: int) -> Stage:
   rl, on = stage_configs.ppo_config(config, workdir, size), online_config(config)
-  initial, gold_dir = stage_configs.policy_dir(config, workdir, size), os.path.join(workdir, f"pm_{stage_configs.GOLD}")
+  initial, gold_dir = stage_configs.policy_dir(config, workdir, size), storage.join(workdir, f"pm_{stage_configs.GOLD}")
   n = on.pairs_per_round
   sources = _sources(arm, r, n, on.mix_earlier, workdir, size, seed, initial)
   # Only what this round's labels depend on: more rounds or seeds later leave it valid.
@@ -137,24 +139,23 @@ def _labels_stage(config, workdir: str, arm: str, size: str, seed: int, r: int) 
           load_policy(source, mesh), gold, tok, mine, num_pairs=len(mine), prompt_len=rl.sampling.prompt_len,
           max_new_tokens=config.labels.max_new_tokens or rl.sampling.max_new_tokens,
           temperature=config.labels.temperature, batch_size=config.labels.batch_size, seed=1000 * seed + r)
-      records += [{**x, "round": r, "source": os.path.basename(source)} for x in got]
+      records += [{**x, "round": r, "source": storage.basename(source)} for x in got]
       ties += report["ties_not_written"]
     records, report = apply_labeller(records, on.agreement, np.random.default_rng([seed, r, 7]))
-    union = [x for q in range(r) for x in _read_jsonl(os.path.join(_dir(workdir, "labels", arm, size, seed, q),
+    union = [x for q in range(r) for x in read_jsonl(storage.join(_dir(workdir, "labels", arm, size, seed, q),
                                                                   "labels.jsonl"))]
     if jax.process_index() == 0:
-      write_jsonl(os.path.join(d, "labels.jsonl"), records)
-      write_jsonl(os.path.join(d, "union.jsonl"), union + records)
+      write_jsonl(storage.join(d, "labels.jsonl"), records)
+      write_jsonl(storage.join(d, "union.jsonl"), union + records)
     barrier(f"labels {arm} {size} {seed} {r}")
     return {**report, "num_pairs": len(records), "ties_not_written": ties, "labels_so_far": len(union) + len(records)}
-  reads = (*sorted({os.path.basename(s) for s in sources}), os.path.basename(gold_dir),
+  reads = (*sorted({storage.basename(s) for s in sources}), storage.basename(gold_dir),
            *(stage_name("labels", arm, size, seed, q) for q in range(r)))
   return Stage(stage_name("labels", arm, size, seed, r), settings, run, reads)
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def _summary(stage_dir: str) -> dict:
+  return json.loads(storage.read_text(storage.join(stage_dir, STAGE_DONE)))["summary"]
 
 
 def _sampling_kwargs(rl, tok) -> dict:
@@ -182,7 +183,8 @@ def _eval_stage(config, workdir: str, arm: str, size: str, seed: int, r: int) ->
     from rlhf_jax.trainers.best_of_n import sample_scores
     from rlhf_jax.training.saved_runs import FrozenModel, load_policy
     mesh = shd.make_mesh(rl.mesh.shape)
-    initial, gold_dir = stage_configs.policy_dir(config, workdir, size), os.path.join(workdir, f"pm_{stage_configs.GOLD}")
+    initial = stage_configs.policy_dir(config, workdir, size)
+    gold_dir = storage.join(workdir, f"pm_{stage_configs.GOLD}")
     ppo_dir, pm_dir = _dir(workdir, "ppo", arm, size, seed, r), _dir(workdir, "pm", arm, size, seed, r)
     tok = same_tokenizer(initial, gold_dir)
     cfg = rl.copy_and_resolve_references()
@@ -196,8 +198,7 @@ def _eval_stage(config, workdir: str, arm: str, size: str, seed: int, r: int) ->
       acc[tag], _ = pair_accuracy(s["pm"], s["gold"])
     evals = {m["step"]: m for m in read_metrics(ppo_dir) if "eval_kl" in m}
     last, first = evals[max(evals)], evals[min(evals)]
-    with open(os.path.join(_dir(workdir, "labels", arm, size, seed, r), "stage_done.json"), encoding="utf-8") as f:
-      labels = json.load(f)["summary"]
+    labels = _summary(_dir(workdir, "labels", arm, size, seed, r))
     row = {"arm": arm, "size": size, "seed": seed, "round": r, "labels_so_far": labels["labels_so_far"],
            "kl": float(last["eval_kl"]), "sqrt_kl": float(np.sqrt(max(last["eval_kl"], 0.0))),
            "proxy": float(last["eval_pm_reward"]), "gold": float(last[f"eval_pm_{stage_configs.GOLD}_reward"]),
@@ -205,7 +206,7 @@ def _eval_stage(config, workdir: str, arm: str, size: str, seed: int, r: int) ->
            "pm_acc_on_policy": acc["policy"], "pm_acc_on_initial": acc["initial"],
            "agreement": labels["agreement"], "tau": labels["tau"]}
     return row
-  reads = (os.path.basename(stage_configs.policy_dir(config, workdir, size)), f"pm_{stage_configs.GOLD}",
+  reads = (storage.basename(stage_configs.policy_dir(config, workdir, size)), f"pm_{stage_configs.GOLD}",
            *(stage_name(kind, arm, size, seed, r) for kind in ("labels", "pm", "ppo")))
   return Stage(stage_name("eval", arm, size, seed, r), settings, run, reads)
 
@@ -214,7 +215,7 @@ def _round_stages(config, workdir: str, arm: str, size: str, seed: int, r: int) 
   from rlhf_jax.trainers import train_pm, train_ppo
   on = online_config(config)
   pm = stage_configs.pm_config(config, workdir, size)
-  pm.data.path = os.path.join(_dir(workdir, "labels", arm, size, seed, r), "union.jsonl")
+  pm.data.path = storage.join(_dir(workdir, "labels", arm, size, seed, r), "union.jsonl")
   pm.train.seed = seed
   if on.pm_init == "warm" and r > 0:
     pm.init_from = _dir(workdir, "pm", arm, size, seed, r - 1)
@@ -250,7 +251,7 @@ def _elo_stage(config, workdir: str, size: str, seed: int) -> Stage:
     from rlhf_jax.evals import policy_elo
     from rlhf_jax.training.saved_runs import load_policy
     mesh = shd.make_mesh(rl.mesh.shape)
-    gold_dir = os.path.join(workdir, f"pm_{stage_configs.GOLD}")
+    gold_dir = storage.join(workdir, f"pm_{stage_configs.GOLD}")
     tok = same_tokenizer(runs["initial"], gold_dir)
     cfg = rl.copy_and_resolve_references()
     cfg.eval.num_prompts = on.elo_prompts
@@ -259,7 +260,7 @@ def _elo_stage(config, workdir: str, size: str, seed: int) -> Stage:
     result = policy_elo.evaluate(players, sweep._frozen(gold_dir, mesh), held_out.in_order()[0],
                                  jax.random.PRNGKey(seed), **_sampling_kwargs(rl, tok))
     return {"elo": result["elo"], "elo_ci": result["elo_ci"]}
-  reads = (*dict.fromkeys(os.path.basename(path) for path in runs.values()), f"pm_{stage_configs.GOLD}")
+  reads = (*dict.fromkeys(storage.basename(path) for path in runs.values()), f"pm_{stage_configs.GOLD}")
   return Stage(f"elo_{size}_s{seed}", settings, run, reads)
 
 
@@ -282,12 +283,10 @@ def collect(config, workdir: str) -> list[dict]:
   on, rows = online_config(config), []
   for seed in on.seeds:
     for size in config.sizes:
-      with open(os.path.join(workdir, f"elo_{size}_s{seed}", "stage_done.json"), encoding="utf-8") as f:
-        elo = json.load(f)["summary"]
+      elo = _summary(storage.join(workdir, f"elo_{size}_s{seed}"))
       for arm in on.arms:
         for r in range(on.rounds):
-          with open(os.path.join(_dir(workdir, "eval", arm, size, seed, r), "stage_done.json"), encoding="utf-8") as f:
-            row = {**json.load(f)["summary"], "arm": arm}
+          row = {**_summary(_dir(workdir, "eval", arm, size, seed, r)), "arm": arm}
           name = "r0" if r == 0 else f"{arm}_r{r}"
           rows.append({**row, "elo": elo["elo"][name], "elo_ci": elo["elo_ci"][name],
                        "elo_initial": elo["elo"]["initial"]})
@@ -298,7 +297,7 @@ def run_online(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
   timings = run_stages(plan(config, workdir), workdir, stop_after=stop_after)
   if stop_after:
     return {"stopped_after": stop_after, "timings": timings}
-  out = {"results": os.path.join(workdir, ONLINE_FILE), "timings": timings}
+  out = {"results": storage.join(workdir, ONLINE_FILE), "timings": timings}
   if jax.process_index() == 0:
     write_jsonl(out["results"], collect(config, workdir))
     from rlhf_jax.analysis import online as online_analysis

@@ -3,10 +3,9 @@ PPO / RLOO / GRPO and DPO sections, and the names of the run directories that co
 """
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
+from rlhf_jax import storage
 from rlhf_jax.data.tokenizer import MODEL_FILE
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.experiments import checkpoint_sizes
@@ -32,7 +31,7 @@ def model_config(config, name: str) -> ModelConfig:
 def _stage_config(module, config, workdir: str, name: str, *sections: str) -> ml_collections.ConfigDict:
   c = module.get_config(config.base_preset)
   override(c.data, config.data, "data")
-  c.data.tfds_dir = os.path.join(workdir, "tfds")  # prepared once for every stage
+  c.data.tfds_dir = storage.join(workdir, "tfds")  # prepared once for every stage
   for section in sections:
     override(c, config[section], section)
   if "model" in c:
@@ -45,7 +44,7 @@ def lm_config(config, workdir: str, name: str):
   from configs import lm
   c = _stage_config(lm, config, workdir, name, "lm")
   # A checkpoint size's runs inherit the checkpoint's tokenizer through init_from.
-  c.tokenizer.path = "" if checkpoint_sizes.source(config, name) else os.path.join(workdir, "tokenizer", MODEL_FILE)
+  c.tokenizer.path = "" if checkpoint_sizes.source(config, name) else storage.join(workdir, "tokenizer", MODEL_FILE)
   return c
 
 
@@ -53,23 +52,23 @@ def sft_config(config, workdir: str, name: str):
   """The initial policy's stage: SFT or context distillation from the pretrained LM."""
   c = lm_config(config, workdir, name)
   override(c, config.sft, "sft")
-  c.init_from = os.path.join(workdir, f"lm_{name}")
+  c.init_from = storage.join(workdir, f"lm_{name}")
   return c
 
 
 def policy_dir(config, workdir: str, name: str) -> str:
   """The initial policy of size `name`: its SFT / distilled LM if config.sft.objective, else the LM."""
-  return os.path.join(workdir, f"sft_{name}" if config.sft.objective else f"lm_{name}")
+  return storage.join(workdir, f"sft_{name}" if config.sft.objective else f"lm_{name}")
 
 
 def pm_config(config, workdir: str, name: str):
   from configs import pm
   c = _stage_config(pm, config, workdir, name, "pm", *(("gold_pm",) if name == GOLD else ()))
-  c.init_from = os.path.join(workdir, f"lm_{name}")
+  c.init_from = storage.join(workdir, f"lm_{name}")
   if config.setup == "halves":
     c.data.half = "b" if name == GOLD else "a"
   elif name != GOLD:
-    c.data.path = os.path.join(workdir, f"labels_{name}", "labels.jsonl")
+    c.data.path = storage.join(workdir, f"labels_{name}", "labels.jsonl")
   return c
 
 
@@ -88,8 +87,8 @@ def ppo_config(config, workdir: str, name: str, algorithm: str = "ppo"):
   c = _stage_config(ppo, config, workdir, name, "rl", *extra)
   c.algorithm = algorithm
   c.policy_from = policy_dir(config, workdir, name)
-  c.pm_dir = os.path.join(workdir, f"pm_{name}")
-  c.eval.pm_dirs = (os.path.join(workdir, f"pm_{GOLD}"),)
+  c.pm_dir = storage.join(workdir, f"pm_{name}")
+  c.eval.pm_dirs = (storage.join(workdir, f"pm_{GOLD}"),)
   return c
 
 

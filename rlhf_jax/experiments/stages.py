@@ -30,6 +30,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
+from rlhf_jax import storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.training import cli
 from rlhf_jax.training.checkpointing import Checkpointer
@@ -83,7 +84,7 @@ def override(config: ml_collections.ConfigDict, overrides, where: str) -> None:
 
 
 def check_finished(run_dir: str, steps: int, name: str) -> None:
-  with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+  with Checkpointer(storage.join(run_dir, "checkpoints")) as ckpt:
     last = ckpt.latest_step()
   if last != steps:
     raise StageInterrupted(f"stage {name} stopped at step {last} of {steps}; run the same command "
@@ -103,7 +104,7 @@ def config_inputs(cfg, workdir: str) -> tuple[str, ...]:
   """The stages a config reads: the first directory under `workdir` of each path in it (init_from,
   policy_from, pm_dir, eval.pm_dirs, data.path, tokenizer.path, ...). The shared data cache
   (data.tfds_dir) is written by whichever stage comes first, not read from one."""
-  root, found = os.path.join(workdir, ""), []
+  root, found = storage.join(workdir, ""), []
 
   def walk(value, key):
     if isinstance(value, dict):
@@ -113,7 +114,7 @@ def config_inputs(cfg, workdir: str) -> tuple[str, ...]:
       for v in value:
         walk(v, key)
     elif isinstance(value, str) and value.startswith(root) and key != "tfds_dir":
-      name = os.path.relpath(value, workdir).split(os.sep)[0]
+      name = value[len(root):].replace(os.sep, "/").split("/")[0]
       if name not in found:
         found.append(name)
   walk(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg, "")
@@ -123,15 +124,15 @@ def config_inputs(cfg, workdir: str) -> tuple[str, ...]:
 def portable(settings: dict, workdir: str) -> dict:
   """Settings as JSON, with paths inside the workdir written relative to it."""
   text = json.dumps(settings, default=lambda v: list(v) if isinstance(v, tuple) else str(v), sort_keys=True)
-  return json.loads(text.replace(json.dumps(os.path.join(workdir, ""))[1:-1], "<workdir>/"))
+  return json.loads(text.replace(json.dumps(storage.join(workdir, ""))[1:-1], "<workdir>/"))
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, path)  # a killed write never leaves a half file behind
+  storage.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))  # never half a file
+
+
+def read_jsonl(path: str) -> list[dict]:
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def barrier(name: str) -> None:
@@ -165,11 +166,11 @@ def migrated(settings: dict) -> dict:
 
 def done_record(stage_dir: str, stage: Stage, workdir: str) -> Optional[dict]:
   """The stage's stage_done.json, None if it has not finished; an error if it finished with other settings."""
-  path = os.path.join(stage_dir, STAGE_DONE)
-  if not os.path.exists(path):
+  path = storage.join(stage_dir, STAGE_DONE)
+  try:
+    done = json.loads(storage.read_text(path))
+  except FileNotFoundError:
     return None
-  with open(path, encoding="utf-8") as f:
-    done = json.load(f)
   now = portable(stage.settings, workdir)
   neutral = lambda key, old, new: old is None and any(
       (key == k or key.endswith("." + k)) and new == v for k, v in ADDED_WITH_NEUTRAL_DEFAULT.items())
@@ -185,8 +186,7 @@ def fingerprint(stage_dir: str) -> Optional[str]:
   """The sha256 of a stage's stage_done.json, None while it has not finished. Each completion
   writes a new run id, so a rerun changes it even when the settings and summary are the same."""
   try:
-    with open(os.path.join(stage_dir, STAGE_DONE), "rb") as f:
-      return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(storage.read_bytes(storage.join(stage_dir, STAGE_DONE))).hexdigest()
   except FileNotFoundError:
     return None
 
@@ -209,12 +209,12 @@ def stale_stages(stages: list[Stage], workdir: str) -> tuple[dict[str, Optional[
   run stages with an input that runs are stale too: resuming them would continue the old inputs' work."""
   records, runs, stale = {}, set(), []
   for stage in stages:
-    stage_dir = os.path.join(workdir, stage.name)
+    stage_dir = storage.join(workdir, stage.name)
     done = done_record(stage_dir, stage, workdir)
     recorded = (done or {}).get("inputs", {})
-    changed = any(name in runs or (name in recorded and recorded[name] != fingerprint(os.path.join(workdir, name)))
+    changed = any(name in runs or (name in recorded and recorded[name] != fingerprint(storage.join(workdir, name)))
                   for name in stage.inputs)
-    if changed and (done is not None or (os.path.isdir(stage_dir) and os.listdir(stage_dir))):
+    if changed and (done is not None or (storage.isdir(stage_dir) and storage.listdir(stage_dir))):
       stale.append(stage.name)
       done = None
     if done is None:
@@ -226,30 +226,27 @@ def stale_stages(stages: list[Stage], workdir: str) -> tuple[dict[str, Optional[
 def _move_aside(workdir: str, names: list[str]) -> None:
   barrier("stages planned")  # every host has read the records before any directory moves
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, STALE_DIR), exist_ok=True)
+    storage.makedirs(storage.join(workdir, STALE_DIR))
     for name in names:
-      target = os.path.join(workdir, STALE_DIR, f"{name}-{time.strftime('%Y%m%dT%H%M%S')}")
-      while os.path.exists(target):
+      target = storage.join(workdir, STALE_DIR, f"{name}-{time.strftime('%Y%m%dT%H%M%S')}")
+      while storage.exists(target):
         target += "_"
-      os.replace(os.path.join(workdir, name), target)
+      storage.move(storage.join(workdir, name), target)
   barrier("stale stages moved aside")
 
 
 def _run_one(stage: Stage, workdir: str) -> float:
   """Runs the stage, then writes its stage_done.json (last, so a killed run never looks finished)."""
-  stage_dir = os.path.join(workdir, stage.name)
-  os.makedirs(stage_dir, exist_ok=True)
+  stage_dir = storage.join(workdir, stage.name)
+  storage.makedirs(stage_dir)
   t0 = time.perf_counter()
   summary = stage.run(stage_dir)
   seconds = time.perf_counter() - t0
   if jax.process_index() == 0:
     record = {"settings": portable(stage.settings, workdir), "summary": portable(summary, workdir),
               "seconds": seconds, "run_id": uuid.uuid4().hex,
-              "inputs": {name: fingerprint(os.path.join(workdir, name)) for name in stage.inputs}}
-    tmp = os.path.join(stage_dir, STAGE_DONE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=2)
-    os.replace(tmp, os.path.join(stage_dir, STAGE_DONE))
+              "inputs": {name: fingerprint(storage.join(workdir, name)) for name in stage.inputs}}
+    storage.write_atomic(storage.join(stage_dir, STAGE_DONE), json.dumps(record, indent=2))
   barrier(stage.name)
   return seconds
 
@@ -262,7 +259,7 @@ def run_stages(stages: list[Stage], workdir: str, *, stop_after: str = "") -> di
   if stop_after and stop_after not in {s.name for s in stages}:
     raise ConfigError(f"stop_after={stop_after!r} is not a stage; stages: {[s.name for s in stages]}")
   _check_inputs(stages)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   records, stale = stale_stages(stages, workdir)
   if stale:
     print(f"invalidated (inputs changed): {', '.join(stale)}", flush=True)
@@ -327,11 +324,12 @@ def experiment_main(run: Callable[..., dict], example: str) -> Callable:
     if config_flag.value is None:
       cli.fail(f"--config is required, e.g. --config={example}")
     workdir = workdir_flag.value or config_flag.value.workdir
+    if jax.process_index() == 0:
+      storage.check_writable(workdir)  # a missing bucket or refused credentials: one line, before any work
     use_compilation_cache(cache_flag.value)
     out = exit_75_if_interrupted(run, config_flag.value, workdir, stop_after=stop_flag.value)
     if "analysis" in out:
-      with open(out["analysis"]["table"], encoding="utf-8") as f:
-        print(f.read())
+      print(storage.read_text(out["analysis"]["table"]))
       for key, path in {"results": out["results"], **out["analysis"]}.items():
         print(f"{key}: {path}")
     print(f"stage seconds: {json.dumps({k: round(v) for k, v in out['timings'].items()})}")

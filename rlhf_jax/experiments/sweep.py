@@ -37,9 +37,7 @@ hand) reruns the stages downstream of it too.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -47,6 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.data.lm_data import tokenizer_texts
 from rlhf_jax.data.tokenizer import Tokenizer, train_tokenizer
@@ -71,6 +70,7 @@ from rlhf_jax.experiments.stages import (
   config_inputs,
   experiment_main,
   override,
+  read_jsonl,
   run_stages,
   trainer_stage,
   write_jsonl,
@@ -166,7 +166,7 @@ def _labels_stage(config, workdir: str, name: str) -> Stage:
     from rlhf_jax.data.prompts import prompt_texts
     from rlhf_jax.data.tokenizer import same_tokenizer
     mesh = shd.make_mesh(rl.mesh.shape)
-    policy, gold_dir = policy_dir(config, workdir, policy_name), os.path.join(workdir, f"pm_{GOLD}")
+    policy, gold_dir = policy_dir(config, workdir, policy_name), storage.join(workdir, f"pm_{GOLD}")
     tok = with_chat_format(same_tokenizer(policy, gold_dir), rl)
     train_prompts, _ = prompt_texts(rl, d)  # labels only on training prompts; PPO evaluates on the rest
     records, report = gold_labels(
@@ -174,10 +174,10 @@ def _labels_stage(config, workdir: str, name: str) -> Stage:
         prompt_len=rl.sampling.prompt_len, max_new_tokens=lab.max_new_tokens or rl.sampling.max_new_tokens,
         temperature=lab.temperature, batch_size=lab.batch_size, seed=lab.seed)
     if jax.process_index() == 0:
-      write_jsonl(os.path.join(d, "labels.jsonl"), records)
+      write_jsonl(storage.join(d, "labels.jsonl"), records)
     barrier(f"labels_{name}")
     return report
-  policy_stage = os.path.basename(policy_dir(config, workdir, policy_name))
+  policy_stage = storage.basename(policy_dir(config, workdir, policy_name))
   return Stage(f"labels_{name}", settings, run, (policy_stage, f"pm_{GOLD}"))
 
 
@@ -201,7 +201,7 @@ def _bon_stage(config, workdir: str, name: str) -> Stage:
                      max_new_tokens=rl.sampling.max_new_tokens, temperature=rl.sampling.temperature, eos_id=tok.eos_id,
                      pad_id=tok.pad_id, eoc_id=tok.eoc_id)
     if jax.process_index() == 0:
-      write_jsonl(os.path.join(d, "best_of_n.jsonl"), rows)
+      write_jsonl(storage.join(d, "best_of_n.jsonl"), rows)
     return {"max_n": max(bon.ns)}
   return Stage(f"bon_{name}", settings, run, config_inputs(rl, workdir))  # the initial policy, not PPO's
 
@@ -232,7 +232,7 @@ def _evals_stage(config, workdir: str, name: str) -> Stage:
     from rlhf_jax.training.saved_runs import load_policy
     mesh = shd.make_mesh(rl.mesh.shape)
     tok = same_tokenizer(rl.policy_from, rl.pm_dir, *rl.eval.pm_dirs)
-    ppo_dir = os.path.join(workdir, f"ppo_{name}")
+    ppo_dir = storage.join(workdir, f"ppo_{name}")
     initial = load_policy(rl.policy_from, mesh)
     out = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"]}
     out |= stage.policy_evals({"initial": initial, "rlhf": load_policy(ppo_dir, mesh)}, tok, ev, d, mesh,
@@ -246,9 +246,9 @@ def _evals_stage(config, workdir: str, name: str) -> Stage:
           sampling={"max_new_tokens": rl.sampling.max_new_tokens, "temperature": rl.sampling.temperature,
                     "eos_id": tok.eos_id, "pad_id": tok.pad_id, "eoc_id": tok.eoc_id})
     if jax.process_index() == 0:
-      suite.write_json(os.path.join(d, "evals.json"), out)
-      with open(os.path.join(d, "evals.md"), "w", encoding="utf-8") as f:
-        f.write(suite.markdown({"initial": out["initial"], "rlhf": out["rlhf"]}))
+      suite.write_json(storage.join(d, "evals.json"), out)
+      table = suite.markdown({"initial": out["initial"], "rlhf": out["rlhf"]})
+      storage.write_atomic(storage.join(d, "evals.md"), table)
     return {tag: {k: v for k, (v, _) in suite.headline(out[tag]).items()} for tag in ("initial", "rlhf")}
   return Stage(f"evals_{name}", settings, run, (*config_inputs(rl, workdir), f"ppo_{name}"))
 
@@ -325,7 +325,7 @@ def run_sweep(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
   if stop_after:
     return {"stopped_after": stop_after, "timings": timings}
   rows = collect_results(config, workdir)
-  out = {"results": os.path.join(workdir, RESULTS_FILE), "timings": timings,
+  out = {"results": storage.join(workdir, RESULTS_FILE), "timings": timings,
          "seconds_this_run": time.perf_counter() - t_start}
   if jax.process_index() == 0:
     write_jsonl(out["results"], rows)
@@ -363,16 +363,14 @@ def collect_results(config, workdir: str) -> list[dict]:
     for method in methods(config):
       if method == "dpo":
         for b in config.dpo.betas:
-          rows += _evaluated_points(os.path.join(workdir, dpo_stage_name(name, b)),
+          rows += _evaluated_points(storage.join(workdir, dpo_stage_name(name, b)),
                                     {**base, "method": "dpo", "beta": float(b)}, gold_key)
       else:
-        rows += _evaluated_points(os.path.join(workdir, f"{method}_{name}"), {**base, "method": method}, gold_key)
-    with open(os.path.join(workdir, f"bon_{name}", "best_of_n.jsonl"), encoding="utf-8") as f:
-      for line in f:
-        b = json.loads(line)
-        rows.append({**base, "method": "bon", "step": int(b["n"]), "kl": float(b["kl"]),
-                     "sqrt_kl": float(b["sqrt_kl"]), "proxy_reward": float(b["proxy_reward"]),
-                     "gold_reward": float(b[gold_key])})
+        rows += _evaluated_points(storage.join(workdir, f"{method}_{name}"), {**base, "method": method}, gold_key)
+    for b in read_jsonl(storage.join(workdir, f"bon_{name}", "best_of_n.jsonl")):
+      rows.append({**base, "method": "bon", "step": int(b["n"]), "kl": float(b["kl"]),
+                   "sqrt_kl": float(b["sqrt_kl"]), "proxy_reward": float(b["proxy_reward"]),
+                   "gold_reward": float(b[gold_key])})
   return rows
 
 
