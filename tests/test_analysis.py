@@ -244,6 +244,10 @@ def test_fit_all_errors():
   rows[3] = {**rows[3], "params": 7}
   with pytest.raises(ValueError, match="size 's1' has two parameter counts"):
     scaling_fits.fit_all(rows)
+  rows = _synthetic_rows()
+  rows[3] = {**rows[3], "method": "ppo2"}
+  with pytest.raises(ValueError, match=r"unknown method\(s\) \['ppo2'\]; known methods: \[.*'ppo'"):
+    scaling_fits.fit_all(rows)
 
 
 def test_mean_curves_average_rows_sharing_a_step():

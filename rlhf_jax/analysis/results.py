@@ -83,6 +83,9 @@ def load_results(run_dir_or_file: str) -> list[dict]:
 def group_series(rows: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
   """Rows by (size, method), ordered by params, then size, then method in METHODS order."""
   params, groups = {}, {}
+  unknown = sorted({row["method"] for row in rows} - set(METHODS))
+  if unknown:
+    raise ValueError(f"rows of unknown method(s) {unknown}; known methods: {list(METHODS)}")
   for row in rows:
     if params.setdefault(row["size"], row["params"]) != row["params"]:
       raise ValueError(f"size {row['size']!r} has two parameter counts: "

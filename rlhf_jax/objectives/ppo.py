@@ -101,9 +101,11 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
   within clip_eps of the rollout's value."""
   clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
   loss = 0.5 * masked_mean(jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
-  return loss, {"value_loss": loss,
-                "value_clip_fraction": masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2)
-                                                   .astype(jnp.float32), mask)}
+  # Clipped: the value moved beyond clip_eps and the clipped term is the one the max takes. Comparing
+  # the two squared errors alone counts tokens whose terms differ only by rounding (|v - old| < eps,
+  # so `clipped` is v recomputed as old + (v - old)).
+  active = (jnp.abs(values - old_values) > clip_eps) & ((clipped - returns) ** 2 > (values - returns) ** 2)
+  return loss, {"value_loss": loss, "value_clip_fraction": masked_mean(active.astype(jnp.float32), mask)}
 
 
 def entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
