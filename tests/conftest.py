@@ -124,11 +124,13 @@ def micro_online_dir(micro_sweep_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gcs_server():
+def gcs_server(tmp_path_factory):
   """One fake-gcs-server per session (bucket `runs`), with this process's environment pointed at
-  it; subprocesses get `gcs_server.env`."""
+  it; subprocesses get `gcs_server.env`. Local stand-ins of bucket data (rlhf_jax.data.locations.
+  local_cache) go to a session directory, not ~/.cache."""
   from fake_gcs import FakeGCS
   server = FakeGCS(buckets=("runs",))
+  server.env["RLHF_JAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("rlhf_jax_cache"))
   saved = {k: os.environ.get(k) for k in server.env}
   os.environ.update(server.env)
   yield server

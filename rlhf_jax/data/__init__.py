@@ -1,7 +1,8 @@
 """Text in, arrays out. May import: errors.
 
   hh_rlhf/        hh-rlhf: upstream catalog and checksums, validated readers, TFDS builder, sample
-  locations.py    where local copies of the data sets live (one setting: $RLHF_JAX_DATA_DIR)
+  locations.py    where local copies of the data sets live ($RLHF_JAX_DATA_DIR), and this host's stand-ins
+                  for data directories in a bucket that only a local disk can hold ($RLHF_JAX_CACHE_DIR)
   dialogue.py     dialogue turns and the (prompt, chosen, rejected) split
   tokenizer.py    SentencePiece, trained on the corpus or a pretrained model's; special tokens;
                   load_tokenizer, which picks the kind a run directory holds

@@ -6,9 +6,10 @@ model has one (not a target), the text, EOS; the documents are concatenated in s
 the stream is cut into rows of train.seq_len, every token but BOS a target, no padding.
 
 The stream is tokenised once into <cache>/tokens-<key>.npy (with the documents' start offsets and a
-JSON record beside it; cache = data.corpus_cache_dir, "" = <workdir>/corpus), written under temporary
-names and renamed, the record last. key = sha256 of the sources (a URL, or a local file's path, size
-and modification time), data.corpus_field, data.max_examples, data.skip_malformed and the tokenizer
+JSON record beside it; cache = data.corpus_cache_dir, "" = <workdir>/corpus, where a local directory
+stands in for one in a bucket: corpus_sources.cache_dir), written under temporary names and renamed,
+the record last. key = sha256 of the sources (a URL, or a file's path, size and modification time),
+data.corpus_field, data.max_examples, data.skip_malformed and the tokenizer
 (its file and BOS / EOS ids). The file is memory-mapped: a batch is a slice, and a resumed run
 reads the same rows without tokenising anything again.
 
@@ -30,6 +31,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data import corpus_sources
 from rlhf_jax.data.batching import Batcher, Encoded
 from rlhf_jax.data.json_tokenizer import SPECIALS_FILE
@@ -65,10 +67,9 @@ def sample_texts(config, workdir: str) -> Iterator[str]:
 
 def _tokenizer_identity(tok) -> str:
   digest = hashlib.sha256()
-  for path in (tok.path, os.path.join(os.path.dirname(tok.path), SPECIALS_FILE)):
-    if os.path.exists(path):
-      with open(path, "rb") as f:
-        digest.update(f.read())
+  for path in (tok.path, storage.join(storage.dirname(tok.path), SPECIALS_FILE)):
+    if storage.exists(path):  # the tokenizer may live in a run directory in a bucket
+      digest.update(storage.read_bytes(path))
   return f"{digest.hexdigest()}:bos={tok.bos_prefix()}:eos={tok.eos_id}"
 
 

@@ -7,10 +7,14 @@ data.corpus names comma-separated sources, each read whole and in order:
                                               the text in the feature data.corpus_field; SPLIT "train" by default
 An http(s) URL is downloaded once into <cache>/downloads/ (data.corpus_cache_dir, "" = <workdir>/corpus),
 under a temporary name renamed when complete, so an interrupted download is never read as a whole file.
+A PATH may be in a bucket (gs://...), read as it streams. A cache or data.tfds_dir in a bucket is
+stood in for by a directory on this host's disk (locations.local_cache): the token cache is
+memory-mapped and TFDS's ArrayRecord files are opened by C++, neither of which reaches a bucket.
 A malformed line stops the run with file, line and field; data.skip_malformed=True skips and counts it.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -22,6 +26,8 @@ import urllib.parse
 import urllib.request
 from typing import Iterator
 
+from rlhf_jax import storage
+from rlhf_jax.data import locations
 from rlhf_jax.errors import ConfigError
 
 TFDS_PREFIX = "tfds:"
@@ -35,7 +41,8 @@ def sources(config) -> list[str]:
 
 
 def cache_dir(config, workdir: str) -> str:
-  return config.data.get("corpus_cache_dir") or os.path.join(workdir, "corpus")
+  """The corpus cache: always a local directory (for a configured one in a bucket, this host's own)."""
+  return locations.local_cache("corpus", config.data.get("corpus_cache_dir") or storage.join(workdir, "corpus"))
 
 
 def is_url(source: str) -> bool:
@@ -56,10 +63,14 @@ def identity(config, workdir: str, source: str) -> str:
   """What the token cache is keyed by: a URL (downloaded once, never changes), a local file's
   path, size and modification time, a TFDS dataset's name, split and data_dir."""
   if source.startswith(TFDS_PREFIX):
-    return f"{source}@{os.path.abspath(tfds_dir(config, workdir))}"
+    return f"{source}@{storage.absolute(tfds_dir(config, workdir))}"
   if is_url(source):
     return source
   path = _local(source)
+  if storage.is_remote(path):  # an object's size and update time, as a file's below
+    from etils import epath  # the layer rlhf_jax.storage goes through; it has no stat of its own
+    stat = epath.Path(path).stat()
+    return f"{path}:{stat.length}:{stat.mtime}"
   stat = os.stat(path)
   return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -74,8 +85,8 @@ def check(config) -> None:
 
 
 def _local(source: str) -> str:
-  path = os.path.expanduser(source)
-  if not os.path.isfile(path):
+  path = source if storage.is_remote(source) else os.path.expanduser(source)
+  if not storage.isfile(path):
     raise ConfigError(f"data.corpus: {source}: no such file")
   return path
 
@@ -103,7 +114,8 @@ def download(url: str, directory: str) -> str:
 
 
 def tfds_dir(config, workdir: str) -> str:
-  return config.data.get("tfds_dir") or os.path.join(workdir, "tfds")
+  """data.tfds_dir as configured (a bucket's is read through a local stand-in: _tfds_documents)."""
+  return config.data.get("tfds_dir") or storage.join(workdir, "tfds")
 
 
 def documents(config, workdir: str, skipped: dict) -> Iterator[str]:
@@ -138,8 +150,18 @@ def _source_documents(config, workdir: str, source: str, skipped: dict) -> Itera
       print(f"data.corpus: {source}: skipped {sum(skipped.values())} malformed lines {skipped}")
 
 
+@contextlib.contextmanager
 def _open(path: str):
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+  if not storage.is_remote(path):
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+      yield f
+    return
+  with storage.open_file(path, "rb") as raw:  # streamed: a corpus may not fit in memory
+    if not path.endswith(".gz"):
+      yield raw
+      return
+    with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+      yield f
 
 
 def _txt_document(source: str, path: str) -> str:
@@ -186,7 +208,7 @@ def _tfds_documents(source: str, field: str, data_dir: str) -> Iterator[str]:
   import tensorflow_datasets as tfds  # heavy: only a tfds: corpus pays for it
   tfds.disable_progress_bar()
   try:
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    builder = tfds.builder(name, data_dir=locations.local_cache("tfds", data_dir), file_format="array_record")
     builder.download_and_prepare()  # a no-op where data_dir holds it prepared already
     data = builder.as_data_source(split)
   except Exception as e:  # TFDS raises many kinds; any of them means this source cannot be read

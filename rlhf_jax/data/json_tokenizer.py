@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Iterable, Sequence
 
+from rlhf_jax import storage
 from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.errors import ConfigError
 
@@ -26,8 +26,7 @@ COPIED = (JSON_FILE, SPECIALS_FILE, CHAT_TEMPLATE_FILE)
 
 def read_specials(path: str, vocab_size: int, tokenizer_path: str) -> dict:
   """tokenizer_specials.json's ids, each checked to be an id of the tokenizer."""
-  with open(path, encoding="utf-8") as f:
-    ids = json.load(f)
+  ids = json.loads(storage.read_text(path))
   out = {"add_bos": bool(ids.get("add_bos", False))}
   for key in ("pad_id", "unk_id", "eos_id", "eoc_id", "bos_id"):
     value = ids.get(key)
@@ -47,12 +46,16 @@ class JsonTokenizer(SequenceStart):
   def __init__(self, path: str):
     import tokenizers  # Rust, no torch; only imported models need it
     self.path = os.fspath(path)
+    try:  # read here and parsed from memory: the file may be an object in a bucket
+      data = storage.read_bytes(self.path)
+    except FileNotFoundError:
+      raise ConfigError(f"{self.path}: no such file") from None
     try:
-      self._tok = tokenizers.Tokenizer.from_file(self.path)
+      self._tok = tokenizers.Tokenizer.from_buffer(data)
     except Exception as e:  # the library raises a bare Exception for malformed files
       raise ConfigError(f"{self.path}: not a tokenizer.json the tokenizers library reads ({e})") from None
-    specials = os.path.join(os.path.dirname(self.path), SPECIALS_FILE)
-    if not os.path.exists(specials):
+    specials = storage.join(storage.dirname(self.path), SPECIALS_FILE)
+    if not storage.exists(specials):
       raise ConfigError(f"{self.path}: no {SPECIALS_FILE} beside it (a model's tokenizer.json is used through "
                         f"rlhf_jax.hf's import, which writes its special ids)")
     ids = read_specials(specials, self.vocab_size, self.path)
@@ -79,17 +82,14 @@ class JsonTokenizer(SequenceStart):
     return self._tok.decode([int(i) for i in ids if int(i) not in self._special], skip_special_tokens=False)
 
   def chat_template(self) -> str | None:
-    path = os.path.join(os.path.dirname(self.path), CHAT_TEMPLATE_FILE)
-    if not os.path.exists(path):
-      return None
-    with open(path, encoding="utf-8") as f:
-      return f.read()
+    path = storage.join(storage.dirname(self.path), CHAT_TEMPLATE_FILE)
+    return storage.read_text(path) if storage.exists(path) else None
 
   def copy_to(self, directory: str) -> None:
     """Writes this tokenizer, its ids and chat template into a run directory."""
-    source = os.path.dirname(self.path)
-    if os.path.exists(os.path.join(directory, "tokenizer.model")):  # another kind's, left by an earlier run
-      os.remove(os.path.join(directory, "tokenizer.model"))
+    source = storage.dirname(self.path)
+    if storage.exists(storage.join(directory, "tokenizer.model")):  # another kind's, left by an earlier run
+      storage.remove(storage.join(directory, "tokenizer.model"))
     for name in COPIED:
-      if os.path.exists(os.path.join(source, name)):
-        shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+      if storage.exists(storage.join(source, name)):
+        storage.copy(storage.join(source, name), storage.join(directory, name))

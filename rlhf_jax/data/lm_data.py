@@ -6,11 +6,11 @@ Pretraining with data.corpus set reads that text corpus instead (rlhf_jax.data.c
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data import corpus
 from rlhf_jax.data.batching import Batcher, Encoded, encode_dialogue, pack
 from rlhf_jax.data.chat import with_chat_format
@@ -26,7 +26,7 @@ def _keep_ties(config) -> bool:
 
 def _records(config, split: str, workdir: str) -> tuple[list[dict], int]:
   d = config.data
-  loaded = load_split(d.subset, split, data_dir=d.get("tfds_dir") or os.path.join(workdir, "tfds"),
+  loaded = load_split(d.subset, split, data_dir=d.get("tfds_dir") or storage.join(workdir, "tfds"),
                       source_dir=d.source_dir or None, skip_malformed=d.skip_malformed,
                       keep_ties=_keep_ties(config))
   if loaded.skipped:
@@ -79,7 +79,7 @@ def load_or_train_tokenizer(config, texts: Iterable[str], workdir: str) -> Token
     tok = load_tokenizer(workdir)
   else:
     tok = train_tokenizer(texts, config.model.vocab_size, workdir)
-  if os.path.abspath(os.path.dirname(tok.path)) != os.path.abspath(workdir):
+  if storage.absolute(storage.dirname(tok.path)) != storage.absolute(workdir):
     tok.copy_to(workdir)  # every run directory is self-contained: later stages inherit it
   # A pretrained model's embedding may have rows no token uses (padded to a round size).
   if tok.vocab_size > config.model.vocab_size or (tok.vocab_size < config.model.vocab_size and not tok.pretrained):

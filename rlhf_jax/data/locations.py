@@ -8,15 +8,21 @@ RLHF_JAX_DATA_DIR, naming a directory laid out as
 Unset or empty means no local copy: the readers fall back to the samples bundled in the package
 (hh-rlhf then downloads what the sample lacks). The package never guesses a place beside its own
 checkout: where the data lie is the user's to say (the Makefile passes a copy it finds there).
+
+A second setting, RLHF_JAX_CACHE_DIR (default ~/.cache/rlhf_jax), is where a host keeps its local
+stand-ins for data directories configured in a bucket that only a local disk can hold (`local_cache`).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Optional
 
+from rlhf_jax import storage
 from rlhf_jax.errors import ConfigError
 
 ENV = "RLHF_JAX_DATA_DIR"
+CACHE_ENV = "RLHF_JAX_CACHE_DIR"
 HH_RLHF = "hh-rlhf"
 EVALS = "evals"
 
@@ -44,3 +50,21 @@ def local_copy(*parts: str) -> Optional[str]:
     return None
   path = os.path.join(root, *parts)
   return path if os.path.isdir(path) else None
+
+
+def cache_root() -> str:
+  """$RLHF_JAX_CACHE_DIR (absolute), else ~/.cache/rlhf_jax: this host's local disk."""
+  value = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "rlhf_jax")
+  return os.path.abspath(value)
+
+
+def local_cache(kind: str, path: str, source: str = "") -> str:
+  """`path` itself where it is local, else this host's directory standing in for it:
+  <cache root>/<kind>/<sha256 of the URL and `source`, what the data are derived from>. For what
+  only a local file system can hold (TFDS's ArrayRecord files, written and read by C++ with plain
+  open(); memory-mapped token caches): a setting that names a bucket keeps its value, and each host
+  derives the data into its own disk."""
+  if not storage.is_remote(path):
+    return os.fspath(path)
+  digest = hashlib.sha256(f"{storage.absolute(path)}\n{source}".encode("utf-8")).hexdigest()[:16]
+  return os.path.join(cache_root(), kind, digest)

@@ -16,15 +16,14 @@ tokenizer adds one to every text: the turns of a dialogue are encoded one by one
 """
 from __future__ import annotations
 
-import filecmp
 import io
 import json
 import os
-import shutil
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from rlhf_jax import storage
 from rlhf_jax.data.json_tokenizer import CHAT_TEMPLATE_FILE, JSON_FILE, SPECIALS_FILE, JsonTokenizer
 from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.errors import ConfigError
@@ -39,13 +38,14 @@ class Tokenizer(SequenceStart):
 
   def __init__(self, model_path: str):
     self.path = os.fspath(model_path)
-    self._sp = spm.SentencePieceProcessor(model_file=self.path)
-    specials = os.path.join(os.path.dirname(self.path), SPECIALS_FILE)
+    proto = storage.read_bytes(self.path)  # from bytes: the file may be an object in a bucket
+    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    specials = storage.join(storage.dirname(self.path), SPECIALS_FILE)
     self.bos_id, self.add_bos = None, False
-    self.pretrained = os.path.exists(specials)  # a model's own vocabulary, not one trained here
+    self.pretrained = storage.exists(specials)  # a model's own vocabulary, not one trained here
     if self.pretrained:
       self._read_specials(specials)
-      self._sp = _without_dummy_prefix(self._sp, self.path)
+      self._sp = _without_dummy_prefix(self._sp, proto)
     elif self._sp.piece_to_id(EOC_PIECE) != EOC_ID or self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
       raise ValueError(f"{self.path} was not trained by rlhf_jax.data.tokenizer.train_tokenizer "
                        f"(expected pad={PAD_ID}, eos={EOS_ID}, {EOC_PIECE}={EOC_ID}), and has no "
@@ -53,8 +53,7 @@ class Tokenizer(SequenceStart):
     self._special = {self.pad_id, self.unk_id, self.eos_id, self.eoc_id, self.bos_id} - {None}
 
   def _read_specials(self, path: str) -> None:
-    with open(path, encoding="utf-8") as f:
-      ids = json.load(f)
+    ids = json.loads(storage.read_text(path))
     self.add_bos = bool(ids.get("add_bos", False))
     for key in ("pad_id", "unk_id", "eos_id", "eoc_id", "bos_id"):
       value = ids.get(key)
@@ -89,24 +88,24 @@ class Tokenizer(SequenceStart):
 
   def copy_to(self, directory: str) -> None:
     """Writes this tokenizer (and an imported one's special ids) into a run directory."""
-    shutil.copyfile(self.path, os.path.join(directory, MODEL_FILE))
+    storage.copy(self.path, storage.join(directory, MODEL_FILE))
     for stale in (JSON_FILE, CHAT_TEMPLATE_FILE):  # another kind of tokenizer's, left by an earlier run
-      if os.path.exists(os.path.join(directory, stale)):
-        os.remove(os.path.join(directory, stale))
-    specials, target = os.path.join(os.path.dirname(self.path), SPECIALS_FILE), os.path.join(directory, SPECIALS_FILE)
-    if os.path.exists(specials):
-      shutil.copyfile(specials, target)
-    elif os.path.exists(target):  # left by another tokenizer: it would relabel this one's ids
-      os.remove(target)
+      if storage.exists(storage.join(directory, stale)):
+        storage.remove(storage.join(directory, stale))
+    specials = storage.join(storage.dirname(self.path), SPECIALS_FILE)
+    target = storage.join(directory, SPECIALS_FILE)
+    if storage.exists(specials):
+      storage.copy(specials, target)
+    elif storage.exists(target):  # left by another tokenizer: it would relabel this one's ids
+      storage.remove(target)
 
 
-def _without_dummy_prefix(sp: spm.SentencePieceProcessor, path: str) -> spm.SentencePieceProcessor:
+def _without_dummy_prefix(sp: spm.SentencePieceProcessor, model: bytes) -> spm.SentencePieceProcessor:
   # Llama's tokenizer.model prepends a space ("dummy prefix") to every text it encodes: the turns
   # of a dialogue, encoded one by one, would each gain one. Within a document the model saw none.
   from sentencepiece import sentencepiece_model_pb2
   proto = sentencepiece_model_pb2.ModelProto()
-  with open(path, "rb") as f:
-    proto.ParseFromString(f.read())
+  proto.ParseFromString(model)
   if not proto.normalizer_spec.add_dummy_prefix:
     return sp
   proto.normalizer_spec.add_dummy_prefix = False
@@ -123,8 +122,9 @@ def _training_sentences(texts: Iterable[str]) -> Iterable[str]:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str) -> Tokenizer:
-  """Trains a BPE model on texts, writes <output_dir>/tokenizer.model, returns it loaded."""
-  os.makedirs(output_dir, exist_ok=True)
+  """Trains a BPE model on texts, writes <output_dir>/tokenizer.model, returns it loaded. The
+  trainer writes the model to memory, so output_dir may be in a bucket."""
+  storage.makedirs(output_dir)
   model = io.BytesIO()
   sentences = list(_training_sentences(texts))
   try:
@@ -136,13 +136,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str) -> T
     raise ConfigError(f"model.vocab_size={vocab_size} is more than a tokenizer trained on these "
                       f"{len(sentences)} texts can hold (at most {limit}): lower model.vocab_size, or "
                       f"reuse a tokenizer (tokenizer.path, or init_from a run that has one)") from None
-  path = os.path.join(output_dir, MODEL_FILE)
-  if os.path.exists(os.path.join(output_dir, SPECIALS_FILE)):  # an earlier, imported tokenizer's
-    os.remove(os.path.join(output_dir, SPECIALS_FILE))
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)  # a killed run never leaves a half-written model behind
+  path = storage.join(output_dir, MODEL_FILE)
+  if storage.exists(storage.join(output_dir, SPECIALS_FILE)):  # an earlier, imported tokenizer's
+    storage.remove(storage.join(output_dir, SPECIALS_FILE))
+  storage.write_atomic(path, model.getvalue())  # a killed run never leaves a half-written model behind
   return Tokenizer(path)
 
 
@@ -160,25 +157,26 @@ def _train_bpe(sentences: list[str], vocab_size: int, model: io.BytesIO) -> None
 def tokenizer_file(directory: str) -> str:
   """The tokenizer a run or model directory holds: tokenizer.model, else tokenizer.json."""
   for name in TOKENIZER_FILES:
-    if os.path.exists(os.path.join(directory, name)):
-      return os.path.join(directory, name)
+    if storage.exists(storage.join(directory, name)):
+      return storage.join(directory, name)
   raise ConfigError(f"{directory}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
 
 
 def has_tokenizer(directory: str) -> bool:
-  return any(os.path.exists(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+  return any(storage.exists(storage.join(directory, name)) for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str):
   """The tokenizer of a run / model directory, or of a tokenizer file: SentencePiece (.model) or a
   pretrained model's tokenizer.json; both answer the same calls."""
-  path = tokenizer_file(path) if os.path.isdir(path) else os.fspath(path)
+  path = tokenizer_file(path) if storage.isdir(path) else os.fspath(path)
   return JsonTokenizer(path) if path.endswith(".json") else Tokenizer(path)
 
 
 def same_tokenizer(*run_dirs: str):
   paths = [tokenizer_file(d) for d in run_dirs]
+  first = storage.read_bytes(paths[0])
   for p in paths[1:]:
-    if not filecmp.cmp(paths[0], p, shallow=False):
+    if storage.read_bytes(p) != first:
       raise ConfigError(f"{p} differs from {paths[0]}: the policy and PMs must share one tokenizer")
   return load_tokenizer(paths[0])

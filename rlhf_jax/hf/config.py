@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Optional
 
+from rlhf_jax import storage
 from rlhf_jax.data.tokenizer import EOC_PIECE
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.model.config import ModelConfig
@@ -50,14 +51,14 @@ GEMMA_TANH_GELU = ("gelu_pytorch_tanh", "gelu")  # HF maps Gemma's legacy "gelu"
 
 
 def read_json(path: str) -> dict:
-  if not os.path.isfile(path):
+  """A model directory's JSON file: a source's on local disk, or an imported run's (maybe in a bucket)."""
+  if not storage.isfile(path):
     raise ConfigError(f"{path}: not found (a HuggingFace model directory has config.json, *.safetensors "
                       f"and tokenizer.model)")
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from None
+  try:
+    return json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 def _rope(hf: dict, path: str) -> dict:
@@ -139,7 +140,7 @@ def _activation(hf: dict, model_type: str, path: str) -> str:
 
 def model_config(hf_dir: str, runtime: Optional[dict] = None) -> ModelConfig:
   """The ModelConfig of a HuggingFace model directory; runtime: values of RUNTIME_FIELDS."""
-  path = os.path.join(hf_dir, CONFIG_FILE)
+  path = storage.join(hf_dir, CONFIG_FILE)
   hf = read_json(path)
   model_type = hf.get("model_type")
   if model_type not in ARCHITECTURES:
@@ -185,7 +186,7 @@ def special_ids(hf_dir: str, sp) -> dict[str, Any]:
   """tokenizer_specials.json's ids (see rlhf_jax.data.tokenizer): BOS, EOS and pad of config.json,
   else of the tokenizer; pad, when neither names one, is the unknown piece; EOC is EOS (or our
   end-of-context piece, in a tokenizer trained by rlhf_jax)."""
-  path = os.path.join(hf_dir, CONFIG_FILE)
+  path = storage.join(hf_dir, CONFIG_FILE)
   hf = read_json(path)
   vocab = sp.get_piece_size()
 
@@ -205,7 +206,7 @@ def special_ids(hf_dir: str, sp) -> dict[str, Any]:
   pad = pick("pad_token_id", sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id())
   eoc = sp.piece_to_id(EOC_PIECE)  # a model trained here and exported keeps its own EOC
   return {"bos_id": pick("bos_token_id", own(sp.bos_id())), "eos_id": eos, "pad_id": pad,
-          "unk_id": sp.unk_id(), "eoc_id": eoc if eoc != sp.unk_id() else eos, "source": os.path.abspath(path)}
+          "unk_id": sp.unk_id(), "eoc_id": eoc if eoc != sp.unk_id() else eos, "source": storage.absolute(path)}
 
 
 FAMILIES = {  # (Gemma's three switches, qkv_bias, qk_norm): the family whose computation that is

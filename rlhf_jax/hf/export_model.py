@@ -10,18 +10,18 @@ exactly); a model trained here from scratch is written as a LlamaForCausalLM (or
 ModelConfig switches name: Gemma, Qwen2, Qwen3) in float32. A LoRA policy is written with its
 adapters merged into the base's weights. A PM's
 scalar head is not part of that layout and is left out. One tensor at a time is gathered to the
-host while the file is written.
+host while the file is written. RUN may be in a bucket (gs://...), and so may DIR (its
+model.safetensors is then written on local disk first and uploaded as one object).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Optional
 
 import jax
 from absl import flags, logging
 
+from rlhf_jax import storage
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
@@ -44,10 +44,9 @@ def _source_files(run_dir: str, dtype: str, tok: Tokenizer, cfg) -> tuple[dict, 
     hf = hf_config.config_json(cfg, {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
                                dtype or "float32")
     return hf, {}, None
-  hf_dir = os.path.join(source, runs.HF_SUBDIR)
-  hf = hf_config.read_json(os.path.join(hf_dir, "config.json"))
-  with open(os.path.join(hf_dir, runs.RECORD), encoding="utf-8") as f:
-    dtypes = json.load(f)["dtypes"]
+  hf_dir = storage.join(source, runs.HF_SUBDIR)
+  hf = hf_config.read_json(storage.join(hf_dir, "config.json"))
+  dtypes = json.loads(storage.read_text(storage.join(hf_dir, runs.RECORD)))["dtypes"]
   if dtype:
     hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = dtype
   return hf, dtypes, hf_dir
@@ -58,7 +57,7 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None, dtype: st
   from rlhf_jax.training.saved_runs import load_policy
   if dtype and dtype not in DTYPE_NAMES:
     raise ConfigError(f"--dtype={dtype}: expected one of {sorted(DTYPE_NAMES)} (or nothing: as imported)")
-  if os.path.exists(out_dir) and os.listdir(out_dir):
+  if storage.exists(out_dir) and storage.listdir(out_dir):
     raise ConfigError(f"--out={out_dir} is not empty")
   policy = load_policy(run_dir, shd.make_mesh((1, -1, 1)), step)
   cfg = policy.model.cfg
@@ -74,21 +73,18 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None, dtype: st
     for name in names:  # the gathers are collective: every host takes part, one writes
       fetch(name)
     return out_dir
-  os.makedirs(out_dir, exist_ok=True)
-  tensor_files.write(os.path.join(out_dir, WEIGHTS_FILE),
+  storage.makedirs(out_dir)
+  tensor_files.write(storage.join(out_dir, WEIGHTS_FILE),
                      [(name, kind(name), slot.hf_shape) for name, (slot, _) in names.items()], fetch,
                      {"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf, f, indent=2)
-    f.write("\n")
-  shutil.copyfile(tok.path, os.path.join(out_dir, os.path.basename(tok.path)))  # tokenizer.model or .json
+  storage.write_atomic(storage.join(out_dir, "config.json"), json.dumps(hf, indent=2) + "\n")
+  storage.copy(tok.path, storage.join(out_dir, storage.basename(tok.path)))  # tokenizer.model or .json
   if passed_through:
     for name in runs.PASSED_THROUGH:
-      if os.path.exists(os.path.join(passed_through, name)):
-        shutil.copyfile(os.path.join(passed_through, name), os.path.join(out_dir, name))
+      if storage.exists(storage.join(passed_through, name)):
+        storage.copy(storage.join(passed_through, name), storage.join(out_dir, name))
   else:
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-      json.dump(OWN_TOKENIZER_CONFIG, f, indent=2)
+    storage.write_atomic(storage.join(out_dir, "tokenizer_config.json"), json.dumps(OWN_TOKENIZER_CONFIG, indent=2))
   return out_dir
 
 

@@ -15,19 +15,25 @@ An imported run directory holds config.json (an LM run's config whose model is t
 checkpoints/0 (the params, including a fresh scalar head: zeros, as a new model's), tokenizer.model
 with tokenizer_specials.json, and hf/ (the source's config.json and tokenizer files, which the
 export writes back, and import.json: the source and each tensor's dtype).
+
+The run directory and the cache may be in a bucket (gs://...); the source is read from local disk
+(its safetensors and GGUF files are memory-mapped). Locally an import is written into
+<out>.partial and renamed into place; a bucket has no rename (it would copy every object), so there
+the import writes into <out> itself, marked by .importing until done, and writes its config.json
+last: a directory with config.json is a complete import, anything else a killed one, redone.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 from typing import Optional, Sequence
 
 import jax
 import ml_collections
 import sentencepiece as spm
 
+from rlhf_jax import storage
 from rlhf_jax.data.tokenizer import CHAT_TEMPLATE_FILE, JSON_FILE, MODEL_FILE, SPECIALS_FILE, tokenizer_file
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
@@ -41,6 +47,8 @@ PREFIX = hf_config.PREFIX
 CACHE_ENV = "RLHF_JAX_HF_IMPORT_DIR"
 HF_SUBDIR = "hf"
 RECORD = "import.json"
+RUN_CONFIG = "config.json"
+IMPORTING = ".importing"  # in a bucket, an import's directory until it is complete
 # Files of an HF directory that travel through a run unchanged (the tokenizer as HF tools load it).
 PASSED_THROUGH = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                   "chat_template.jinja")
@@ -64,7 +72,7 @@ def _run_config(cfg: ModelConfig, hf_dir: str) -> dict:
   c.preset, c.init_from, c.train.steps = "", "", 0
   c.model = ml_collections.ConfigDict(cfg.to_dict())
   c.workdir = ""
-  return dict(c.to_dict(), hf_import={"source": os.path.abspath(hf_dir)})
+  return dict(c.to_dict(), hf_import={"source": storage.absolute(hf_dir)})
 
 
 def _barrier(name: str) -> None:
@@ -77,51 +85,76 @@ def import_model(hf_dir: str, out_dir: str, runtime: Optional[dict] = None,
                  mesh_shape: Sequence[int] = (1, -1, 1)) -> str:
   """Imports hf_dir as the run directory out_dir (which must not exist): every check first, then
   the weights straight onto a mesh of mesh_shape and into an orbax checkpoint. Returns out_dir."""
-  if os.path.exists(out_dir):
-    raise ConfigError(f"{out_dir} exists: import into a new directory")
+  _check_local(hf_dir, hf_dir)
+  _check_new(out_dir)
   runtime = {k: v for k, v in (runtime or {}).items() if k in hf_config.RUNTIME_FIELDS}
   cfg = hf_config.model_config(hf_dir, runtime)
   tok_path, specials = _tokenizer(hf_dir, cfg)
   infos = tensor_files.index_directory(hf_dir)
   params = weights.load_params(hf_dir, cfg, shd.make_mesh(mesh_shape))  # checks every tensor first
 
-  partial, lead = _start_run(out_dir, cfg, hf_dir)
+  partial, lead = _start_run(out_dir)
   if lead:
-    shutil.copyfile(tok_path, os.path.join(partial, os.path.basename(tok_path)))
-    _write_json(os.path.join(partial, SPECIALS_FILE), specials)
+    storage.copy(tok_path, storage.join(partial, os.path.basename(tok_path)))
+    _write_json(storage.join(partial, SPECIALS_FILE), specials)
     template = hf_tokens.chat_template(hf_dir)
     if template is not None:
-      with open(os.path.join(partial, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
-        f.write(template)
-    shutil.copyfile(os.path.join(hf_dir, hf_config.CONFIG_FILE), os.path.join(partial, HF_SUBDIR, "config.json"))
+      storage.write_atomic(storage.join(partial, CHAT_TEMPLATE_FILE), template)
+    storage.copy(os.path.join(hf_dir, hf_config.CONFIG_FILE), storage.join(partial, HF_SUBDIR, "config.json"))
     for name in PASSED_THROUGH:
       if os.path.exists(os.path.join(hf_dir, name)):
-        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(partial, HF_SUBDIR, name))
-    _write_json(os.path.join(partial, HF_SUBDIR, RECORD), {
-        "source": os.path.abspath(hf_dir), "runtime": runtime,
+        storage.copy(os.path.join(hf_dir, name), storage.join(partial, HF_SUBDIR, name))
+    _write_json(storage.join(partial, HF_SUBDIR, RECORD), {
+        "source": storage.absolute(hf_dir), "runtime": runtime,
         "dtypes": {name: tensor_files.NAMES[info.dtype] for name, info in infos.items()
                    if name in weights.hf_names(cfg)}})
-  return _finish_run(partial, out_dir, params, hf_dir)
+  return _finish_run(partial, out_dir, params, hf_dir, cfg)
 
 
-def _start_run(out_dir: str, cfg: ModelConfig, source: str) -> tuple[str, bool]:
-  """(the directory an import writes into, whether this process writes files): out_dir.partial,
-  renamed to out_dir by _finish_run once everything is in it, so a killed import leaves no run."""
-  partial = out_dir.rstrip("/") + ".partial"
+def is_complete(run_dir: str) -> bool:
+  """Whether run_dir holds a finished import (or any run): its config.json, written last."""
+  return storage.isfile(storage.join(run_dir, RUN_CONFIG))
+
+
+def _check_local(source: str, ref: str) -> None:
+  if storage.is_remote(source):
+    raise ConfigError(f"{ref}: an import reads its source from local disk (its weights are memory-mapped): "
+                      f"copy {source} to this host and name the copy")
+
+
+def _check_new(out_dir: str) -> None:
+  """An import makes a new directory; in a bucket it may also redo one a killed import left."""
+  killed = storage.is_remote(out_dir) and storage.exists(storage.join(out_dir, IMPORTING))
+  if storage.exists(out_dir) and not (killed and not is_complete(out_dir)):
+    raise ConfigError(f"{out_dir} exists: import into a new directory")
+
+
+def _start_run(out_dir: str) -> tuple[str, bool]:
+  """(the directory an import writes into, whether this process writes files). Locally
+  out_dir.partial, renamed to out_dir by _finish_run once everything is in it, so a killed import
+  leaves no run; in a bucket out_dir itself, marked as an import under way (see the module's doc)."""
+  remote = storage.is_remote(out_dir)
+  partial = out_dir.rstrip("/") + ("" if remote else ".partial")
   lead = jax.process_index() == 0
   if lead:
-    shutil.rmtree(partial, ignore_errors=True)  # an earlier import that was killed
-    os.makedirs(os.path.join(partial, HF_SUBDIR))
-    _write_json(os.path.join(partial, "config.json"), _run_config(cfg, source))
+    if storage.exists(partial):
+      storage.rmtree(partial)  # an earlier import that was killed
+    storage.makedirs(storage.join(partial, HF_SUBDIR))
+    if remote:
+      storage.write_atomic(storage.join(partial, IMPORTING), "")
   return partial, lead
 
 
-def _finish_run(partial: str, out_dir: str, params, source: str) -> str:
+def _finish_run(partial: str, out_dir: str, params, source: str, cfg: ModelConfig) -> str:
   _barrier("hf import: directory")
-  with Checkpointer(os.path.join(partial, "checkpoints"), async_save=False) as ckpt:
-    ckpt.save(0, {"params": params}, {"hf_import": os.path.abspath(source)})
+  with Checkpointer(storage.join(partial, "checkpoints"), async_save=False) as ckpt:
+    ckpt.save(0, {"params": params}, {"hf_import": storage.absolute(source)})
   if jax.process_index() == 0:
-    os.replace(partial, out_dir)
+    _write_json(storage.join(partial, RUN_CONFIG), _run_config(cfg, source))  # last: it makes the run
+    if storage.is_remote(out_dir):
+      storage.remove(storage.join(out_dir, IMPORTING))
+    else:
+      storage.move(partial, out_dir)
   _barrier("hf import: done")
   return out_dir
 
@@ -131,28 +164,27 @@ def import_gguf(path: str, out_dir: str, runtime: Optional[dict] = None,
   """Imports a GGUF file as the run directory out_dir, as import_model does a HuggingFace directory:
   its tensors dequantised to float32, its vocabulary as tokenizer.json, and in hf/ a config.json
   and tokenizer_config.json of the same model, from which hf_export writes it as safetensors."""
-  if os.path.exists(out_dir):
-    raise ConfigError(f"{out_dir} exists: import into a new directory")
+  _check_local(path, path)
+  _check_new(out_dir)
   runtime = {k: v for k, v in (runtime or {}).items() if k in hf_config.RUNTIME_FIELDS}
   f = gguf_model.GGUFFile(path)
   cfg = gguf_model.model_config(f, runtime)
   names = gguf_model.check_tensors(f, cfg)
   specials, tokenizer = gguf_tokenizer.special_ids(f), gguf_tokenizer.tokenizer_json(f)
   params = weights.params_from(gguf_model.fetcher(f, cfg, names), cfg, shd.make_mesh(mesh_shape))
-  partial, lead = _start_run(out_dir, cfg, path)
+  partial, lead = _start_run(out_dir)
   if lead:
     hf_tokenizer = gguf_tokenizer.tokenizer_config(f, specials, cfg.max_seq_len)  # for an export
-    files = {JSON_FILE: tokenizer, CHAT_TEMPLATE_FILE: gguf_tokenizer.chat_template(f),
-             os.path.join(HF_SUBDIR, "tokenizer_config.json"): hf_tokenizer}
+    files = {(JSON_FILE,): tokenizer, (CHAT_TEMPLATE_FILE,): gguf_tokenizer.chat_template(f),
+             (HF_SUBDIR, "tokenizer_config.json"): hf_tokenizer}
     for name, text in files.items():
       if text is not None:
-        with open(os.path.join(partial, name), "w", encoding="utf-8") as out:
-          out.write(text)
-    _write_json(os.path.join(partial, SPECIALS_FILE), specials)
-    _write_json(os.path.join(partial, HF_SUBDIR, "config.json"), hf_config.config_json(cfg, specials, "float32"))
-    _write_json(os.path.join(partial, HF_SUBDIR, RECORD), {"source": os.path.abspath(path), "runtime": runtime,
+        storage.write_atomic(storage.join(partial, *name), text)
+    _write_json(storage.join(partial, SPECIALS_FILE), specials)
+    _write_json(storage.join(partial, HF_SUBDIR, "config.json"), hf_config.config_json(cfg, specials, "float32"))
+    _write_json(storage.join(partial, HF_SUBDIR, RECORD), {"source": storage.absolute(path), "runtime": runtime,
                                                            **gguf_model.tensor_record(f, names)})
-  return _finish_run(partial, out_dir, params, path)
+  return _finish_run(partial, out_dir, params, path, cfg)
 
 
 def _tokenizer(hf_dir: str, cfg: ModelConfig) -> tuple[str, dict]:
@@ -176,15 +208,14 @@ def _tokenizer(hf_dir: str, cfg: ModelConfig) -> tuple[str, dict]:
 
 
 def _write_json(path: str, value) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2)
-    f.write("\n")
+  storage.write_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def source_path(ref: str) -> str:
   """The directory of `hf:DIR`, the file of `gguf:FILE` (a bare path: itself), checked to exist."""
   gguf = gguf_model.is_gguf(ref)
   path = ref[len(gguf_model.PREFIX if gguf else PREFIX):] if gguf or is_hf(ref) else ref
+  _check_local(path, ref)
   if not os.path.exists(path):
     raise ConfigError(f"{ref}: {path} does not exist")
   return path
@@ -211,8 +242,7 @@ def tokenizer_bytes(ref: str) -> bytes:
   path = source_path(ref)
   if gguf_model.is_gguf(ref):
     return gguf_tokenizer.tokenizer_json(gguf_model.GGUFFile(path)).encode("utf-8")
-  with open(tokenizer_file(path), "rb") as f:
-    return f.read()
+  return storage.read_bytes(tokenizer_file(path))
 
 
 def _file_sha256(path: str) -> str:
@@ -245,10 +275,10 @@ def imported(ref: str, cache_dir: str, runtime: Optional[dict] = None,
   defaults = ModelConfig()  # unset runtime fields at their defaults: one import for equal settings
   runtime = {k: (runtime or {}).get(k, getattr(defaults, k)) for k in hf_config.RUNTIME_FIELDS}
   name = os.path.basename(os.path.normpath(os.path.abspath(hf_dir))).removesuffix(".gguf")
-  out = os.path.join(cache_dir, f"{name}-{_fingerprint(hf_dir, runtime)}")
-  if not os.path.isdir(out):
+  out = storage.join(cache_dir, f"{name}-{_fingerprint(hf_dir, runtime)}")
+  if not is_complete(out):
     print(f"importing {hf_dir} into {out}", flush=True)
-    os.makedirs(cache_dir, exist_ok=True)
+    storage.makedirs(cache_dir)
     (import_gguf if gguf else import_model)(hf_dir, out, runtime, mesh_shape)
   return out
 
@@ -260,7 +290,7 @@ def resolve(config, workdir: str, fields: Sequence[str]) -> ml_collections.Confi
   refs = {f: config.get(f) for f in fields if is_hf(config.get(f)) or gguf_model.is_gguf(config.get(f))}
   if not refs:
     return config
-  cache = os.environ.get(CACHE_ENV) or os.path.join(workdir, "hf_import")
+  cache = os.environ.get(CACHE_ENV) or storage.join(workdir, "hf_import")
   runtime = config.model.to_dict() if "model" in config else {}
   out = config.copy_and_resolve_references()
   with out.unlocked():
@@ -274,9 +304,8 @@ def import_source(run_dir: str) -> Optional[str]:
   seen = set()
   while run_dir and run_dir not in seen:
     seen.add(run_dir)
-    if os.path.exists(os.path.join(run_dir, HF_SUBDIR, RECORD)):
+    if storage.exists(storage.join(run_dir, HF_SUBDIR, RECORD)):
       return run_dir
-    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-      config = json.load(f)
+    config = json.loads(storage.read_text(storage.join(run_dir, RUN_CONFIG)))
     run_dir = config.get("policy_from") or config.get("init_from")
   return None

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 from typing import Callable, Iterable, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.errors import ConfigError, DataError
 
 DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -101,7 +103,14 @@ def index_directory(directory: str) -> dict[str, TensorInfo]:
 def write(path: str, entries: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
           fetch: Callable[[str], np.ndarray], metadata: dict[str, str]) -> None:
   """Writes a safetensors file of entries (name, dtype, shape) in that order; fetch(name) gives
-  each tensor when its turn comes, so only one is ever held. Written to path.tmp, then renamed."""
+  each tensor when its turn comes, so only one is ever held. Written to path.tmp, then renamed; a
+  path in a bucket is written on local disk first, then uploaded (read whole: an object is one upload)."""
+  if storage.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="rlhf_jax-") as d:
+      local = os.path.join(d, storage.basename(path))
+      write(local, entries, fetch, metadata)
+      storage.copy(local, path)
+    return
   entries = list(entries)
   header, offset = {}, 0
   for name, dtype, shape in entries:

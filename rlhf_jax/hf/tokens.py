@@ -11,9 +11,9 @@ BPE has no unknown token), EOC is EOS. BOS opens every sequence where the tokeni
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
+from rlhf_jax import storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf.config import CONFIG_FILE, read_json
 
@@ -38,12 +38,13 @@ def _post_processor_adds(tokenizer_json: dict, token: Optional[str]) -> bool:
 
 def special_ids(hf_dir: str, tokenizer_path: str) -> dict[str, Any]:
   import tokenizers
-  config_path = os.path.join(hf_dir, CONFIG_FILE)
+  config_path = storage.join(hf_dir, CONFIG_FILE)
   hf = read_json(config_path)
-  tc_path = os.path.join(hf_dir, TOKENIZER_CONFIG)
-  tc = read_json(tc_path) if os.path.exists(tc_path) else {}
+  tc_path = storage.join(hf_dir, TOKENIZER_CONFIG)
+  tc = read_json(tc_path) if storage.exists(tc_path) else {}
+  text = storage.read_text(tokenizer_path)
   try:
-    tok = tokenizers.Tokenizer.from_file(tokenizer_path)
+    tok = tokenizers.Tokenizer.from_str(text)
   except Exception as e:  # the library raises a bare Exception for malformed files
     raise ConfigError(f"{tokenizer_path}: not a tokenizer.json the tokenizers library reads ({e})") from None
   vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -68,22 +69,20 @@ def special_ids(hf_dir: str, tokenizer_path: str) -> dict[str, Any]:
   pad = pick("pad_token_id", "pad_token")
   pad = eos if pad is None else pad
   unk = named("unk_token")
-  with open(tokenizer_path, encoding="utf-8") as f:
-    bos_name = tok.id_to_token(bos) if bos is not None else None
-    add_bos = tc.get("add_bos_token")
-    add_bos = _post_processor_adds(json.load(f), bos_name) if add_bos is None else bool(add_bos)
+  bos_name = tok.id_to_token(bos) if bos is not None else None
+  add_bos = tc.get("add_bos_token")
+  add_bos = _post_processor_adds(json.loads(text), bos_name) if add_bos is None else bool(add_bos)
   return {"bos_id": bos, "eos_id": eos, "pad_id": pad, "unk_id": pad if unk is None else unk, "eoc_id": eos,
-          "add_bos": bool(add_bos and bos is not None), "vocab_size": vocab, "source": os.path.abspath(config_path)}
+          "add_bos": bool(add_bos and bos is not None), "vocab_size": vocab, "source": storage.absolute(config_path)}
 
 
 def chat_template(hf_dir: str) -> Optional[str]:
   """The model's chat template (Jinja), if it has one: chat_template.jinja, else the tokenizer config's."""
-  path = os.path.join(hf_dir, CHAT_TEMPLATE_FILE)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  tc_path = os.path.join(hf_dir, TOKENIZER_CONFIG)
-  template = read_json(tc_path).get("chat_template") if os.path.exists(tc_path) else None
+  path = storage.join(hf_dir, CHAT_TEMPLATE_FILE)
+  if storage.exists(path):
+    return storage.read_text(path)
+  tc_path = storage.join(hf_dir, TOKENIZER_CONFIG)
+  template = read_json(tc_path).get("chat_template") if storage.exists(tc_path) else None
   if isinstance(template, list):  # named templates: the default one
     template = next((t.get("template") for t in template if t.get("name") == "default"), None)
   return template if isinstance(template, str) else None

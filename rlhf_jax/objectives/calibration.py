@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import NamedTuple
 
 import numpy as np
+
+from rlhf_jax import storage
 
 
 def sigmoid(x):
@@ -92,7 +93,7 @@ def reliability_plot(cal: Calibration, path: str, title: str = "PM calibration")
   ax.set_title(title)
   ax.legend(loc="upper left")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)  # rendered in memory: `path` may be in a bucket
   plt.close(fig)
 
 
@@ -107,16 +108,13 @@ def score_normalisation(scores) -> dict[str, float]:
 
 
 def save_normalisation(stats: dict, directory: str) -> str:
-  path = os.path.join(directory, NORMALISATION_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(stats, f, indent=2)
-  os.replace(path + ".tmp", path)
+  path = storage.join(directory, NORMALISATION_FILE)
+  storage.write_atomic(path, json.dumps(stats, indent=2))
   return path
 
 
 def load_normalisation(directory: str) -> dict:
-  path = os.path.join(directory, NORMALISATION_FILE)
-  if not os.path.exists(path):
+  path = storage.join(directory, NORMALISATION_FILE)
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} not found: run rlhf_jax.trainers.eval_pm on this PM first")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Sequence
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
+from rlhf_jax import storage
 from rlhf_jax.model.sampling import generate
 from rlhf_jax.trainers.ppo_steps import pm_score
 from rlhf_jax.training import sharding as shd
@@ -97,21 +97,20 @@ def main_factory():
 
     mesh = shd.make_mesh((1, -1, 1))
     policy, pm = FrozenModel(policy_flag.value, mesh), FrozenModel(pm_flag.value, mesh, with_normalisation=True)
-    extra = {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True) for d in extra_flag.value}
+    extra = {storage.basename(d): FrozenModel(d, mesh, True) for d in extra_flag.value}
     tok = same_tokenizer(policy_flag.value, pm_flag.value, *extra_flag.value)
     config = load_run_config(policy_flag.value)
     config.sampling = {"prompt_len": 32}
     config.eval = {"num_prompts": prompts_flag.value}
-    out = out_flag.value or os.path.join(pm_flag.value, "best_of_n")
-    os.makedirs(out, exist_ok=True)
+    out = out_flag.value or storage.join(pm_flag.value, "best_of_n")
+    storage.makedirs(out)
     prompts = held_out_prompts(config, tok, out).in_order()[0]
     rows = best_of_n(policy, pm, extra, prompts, [int(n) for n in ns_flag.value], jax.random.PRNGKey(seed_flag.value),
                      max_new_tokens=max_new_flag.value, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
                      eoc_id=tok.eoc_id)
-    with open(os.path.join(out, "best_of_n.jsonl"), "w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
-        print(json.dumps(row))
+    lines = [json.dumps(row) + "\n" for row in rows]
+    storage.write_atomic(storage.join(out, "best_of_n.jsonl"), "".join(lines))
+    print("".join(lines), end="")
 
   return main
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import ml_collections
 
+from rlhf_jax import storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
 from rlhf_jax.hf import gguf_model
@@ -39,14 +39,13 @@ def run_model(run_dir: str, field: str) -> dict:
     return hf_config.model_of_reference(run_dir, field)
   if gguf_model.is_gguf(run_dir):  # a GGUF file, likewise
     return gguf_model.model_of_reference(run_dir, field)
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(path):
+  path = storage.join(run_dir, "config.json")
+  if not storage.isfile(path):
     raise ConfigError(f"{field}={run_dir}: no config.json there (not a run directory)")
-  ckpt_dir = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(p.isdigit() for p in os.listdir(ckpt_dir)):
+  ckpt_dir = storage.join(run_dir, "checkpoints")
+  if not storage.isdir(ckpt_dir) or not any(p.isdigit() for p in storage.listdir(ckpt_dir)):
     raise ConfigError(f"{field}={run_dir}: no checkpoint in {ckpt_dir} (the run never saved one)")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)["model"]
+  return json.loads(storage.read_text(path))["model"]
 
 
 def _model(model: dict, where: str) -> ModelConfig:

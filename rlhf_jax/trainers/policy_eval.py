@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.model.sampling import generate
 from rlhf_jax.model.transformer import Transformer
@@ -63,5 +63,5 @@ def eval_pms(config, mesh, bases: Optional[dict] = None) -> dict[str, FrozenMode
   """The training / proxy PM as "pm", and every PM of eval.pm_dirs by its directory's name
   (LoRA PMs on one base share it through `bases`, see FrozenModel)."""
   pm = FrozenModel(config.pm_dir, mesh, with_normalisation=True, bases=bases)
-  return {"pm": pm} | {os.path.basename(os.path.normpath(d)): FrozenModel(d, mesh, True, bases=bases)
+  return {"pm": pm} | {storage.basename(d): FrozenModel(d, mesh, True, bases=bases)
                        for d in config.eval.pm_dirs}

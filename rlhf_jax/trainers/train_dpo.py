@@ -11,13 +11,13 @@ the same reward-against-sqrt(KL) axes, plus the implicit-reward accuracy on held
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data.inputs import trainer_data
 from rlhf_jax.hf import runs as hf_runs
 from rlhf_jax.model.transformer import init_params
@@ -32,7 +32,7 @@ from rlhf_jax.training.train_state import create_train_state
 def train(config, workdir: str) -> dict[str, Any]:
   config_checks.validate(config, "dpo")
   config = hf_runs.resolve(config, workdir, ("policy_from",))  # hf:DIR -> its imported run directory
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   mesh = shd.make_mesh(config.mesh.shape)
   policy0 = FrozenModel(config.policy_from, mesh)
   pms = eval_pms(config, mesh)

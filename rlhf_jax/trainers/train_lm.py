@@ -7,12 +7,12 @@ bitwise as if it had not stopped. SIGTERM (preemption) saves a checkpoint and ex
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data.inputs import TrainerData, trainer_data
 from rlhf_jax.hf import runs as hf_runs
 from rlhf_jax.trainers import config_checks, lm_steps
@@ -44,7 +44,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   config_checks.validate(config, "lm")
   config = hf_runs.resolve(config, workdir, ("init_from",))  # hf:DIR -> its imported run directory
   config = config_checks.inherit_model_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   data = trainer_data(config, workdir, "lm")
   config_checks.check_batch_fits(len(data.train), config.train.batch_size, "train.batch_size",
                                  "training examples" + (" (packed rows)" if config.objective == "pretrain" else ""))

@@ -10,11 +10,11 @@ finetunes from it. Every stage resumes from its checkpoints. At the end the PM i
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data.inputs import trainer_data
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import runs as hf_runs
@@ -26,7 +26,7 @@ from rlhf_jax.training import sharding as shd
 
 
 def _stage(config, workdir: str) -> dict[str, Any]:
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   _, train_data, eval_data, skipped, _ = trainer_data(config, workdir, "pm")
   config_checks.check_batch_fits(len(train_data), config.train.batch_size, "train.batch_size",
                                  f"training comparisons of {config.data.get('path') or config.data.subset}")
@@ -59,7 +59,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     with pmp.unlocked():
       pmp.data.path, pmp.train.steps = config.pmp.path, config.pmp.steps
       pmp.data.half, pmp.data.max_examples = "", 0  # those select the human data, not the PMP data
-    pmp_dir = os.path.join(workdir, "pmp")
+    pmp_dir = storage.join(workdir, "pmp")
     _stage(pmp, pmp_dir)
     config = config.copy_and_resolve_references()
     with config.unlocked():

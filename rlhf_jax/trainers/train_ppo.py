@@ -17,13 +17,13 @@ training PM and by every PM in eval.pm_dirs (e.g. a held-out "test PM").
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import storage
 from rlhf_jax.data.inputs import trainer_data
 from rlhf_jax.data.prompts import prompts_per_iteration
 from rlhf_jax.errors import ConfigError
@@ -127,7 +127,7 @@ def _policy_state(config, workdir: str, mesh, policy0: FrozenModel, trainables: 
 def train(config, workdir: str) -> dict[str, Any]:
   config_checks.validate(config, "ppo")
   config = hf_runs.resolve(config, workdir, ("policy_from", "init_policy_from"))  # hf:DIR: imported
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   mesh = shd.make_mesh(config.mesh.shape)
   c = config.ppo
   bases = {}  # one copy of each base in memory, whoever reads it (rlhf_jax.training.saved_runs)

@@ -9,14 +9,15 @@ base and starts from its adapters.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
-import os
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.model import lora
 from rlhf_jax.training.checkpointing import Checkpointer
@@ -35,38 +36,43 @@ def spec_of(config, model_cfg=None) -> Optional[lora.LoraSpec]:
 
 
 def checkpoint_hash(run_dir: str, step: int) -> str:
-  """sha256 over the name, size and sha256 of each file of run_dir's checkpoint at `step`."""
-  root = os.path.join(run_dir, "checkpoints", str(step))
+  """sha256 over the name, size and sha256 of each file of run_dir's checkpoint at `step` (local
+  or in a bucket)."""
+  root = storage.join(run_dir, "checkpoints", str(step))
+  # The order of the first version (os.walk's directories sorted, then each one's files), so that
+  # the hashes already recorded in lora_base.json files still match.
+  by_dir = collections.defaultdict(list)
+  for rel in storage.walk_files(root):
+    by_dir[rel.rpartition("/")[0]].append(rel)
   entries = []
-  for dirpath, _, files in sorted(os.walk(root)):
-    for name in sorted(files):
-      path = os.path.join(dirpath, name)
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
+  for directory in sorted(by_dir):
+    for rel in sorted(by_dir[directory]):
+      digest, size = hashlib.sha256(), 0
+      with storage.open_file(storage.join(root, rel), "rb") as f:  # in blocks: files of a large model
         for block in iter(lambda: f.read(1 << 24), b""):
           digest.update(block)
-      entries.append((os.path.relpath(path, root), os.path.getsize(path), digest.hexdigest()))
+          size += len(block)
+      entries.append((rel, size, digest.hexdigest()))
   return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def is_lora_run(run_dir: str) -> bool:
-  return os.path.isfile(os.path.join(run_dir, BASE_FILE))
+  return storage.isfile(storage.join(run_dir, BASE_FILE))
 
 
 def base_of(run_dir: str) -> Base:
   """The base a LoRA run (or, for a dense run, the run itself) sits on: read from lora_base.json
   and checked against the base's files now."""
-  path = os.path.join(run_dir, BASE_FILE)
-  if not os.path.isfile(path):
-    with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+  path = storage.join(run_dir, BASE_FILE)
+  if not storage.isfile(path):
+    with Checkpointer(storage.join(run_dir, "checkpoints")) as ckpt:
       step = ckpt.latest_step()
     if step is None:
       raise ConfigError(f"{run_dir}: no checkpoint to use as a LoRA base")
-    return Base(os.path.abspath(run_dir), int(step), "")
-  with open(path, encoding="utf-8") as f:
-    record = json.load(f)
+    return Base(storage.absolute(run_dir), int(step), "")
+  record = json.loads(storage.read_text(path))
   base = Base(record["run_dir"], int(record["step"]), record["sha256"])
-  now = checkpoint_hash(base.run_dir, base.step) if os.path.isdir(base.run_dir) else "missing"
+  now = checkpoint_hash(base.run_dir, base.step) if storage.isdir(base.run_dir) else "missing"
   if now != base.sha256:
     raise ConfigError(f"{run_dir}: its LoRA base {base.run_dir} (step {base.step}) has changed since the "
                       f"adapters were trained (sha256 {base.sha256[:12]}, now {now[:12]}); retrain the "
@@ -77,17 +83,15 @@ def base_of(run_dir: str) -> Base:
 def record_base(workdir: str, start_from: str) -> Base:
   """Writes workdir's lora_base.json for a run starting from `start_from` (a dense run: the base
   itself; a LoRA run: its base). Returns the base. Kept as is on resume."""
-  path = os.path.join(workdir, BASE_FILE)
-  if os.path.isfile(path):
+  path = storage.join(workdir, BASE_FILE)
+  if storage.isfile(path):
     return base_of(workdir)
   base = base_of(start_from)
   if not base.sha256:
     base = base._replace(sha256=checkpoint_hash(base.run_dir, base.step))
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(base._asdict(), f, indent=1)
-    os.replace(path + ".tmp", path)
+    storage.makedirs(workdir)
+    storage.write_atomic(path, json.dumps(base._asdict(), indent=1))
   return base
 
 

@@ -6,13 +6,15 @@ saved on one mesh restores onto any other mesh shape, or onto a single device.
 
 A step that fails to restore (a truncated array file, a half-copied directory) is moved aside to
 `<run>/checkpoints_corrupt/`, never deleted, and the next newest step is tried.
+
+The directory may be local or on object storage (`gs://BUCKET/PATH`, rlhf_jax.storage): orbax
+writes there itself (tensorstore for the arrays).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import logging as pylogging
-import os
 import sys
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax import storage
 from rlhf_jax.errors import CheckpointError
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -67,7 +70,7 @@ def _settle() -> None:
 class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)  # a gs:// URL as it is
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -104,16 +107,19 @@ class Checkpointer:
       failures.append(f"step {step}: {reason}")
     raise CheckpointError(f"{self.directory}: no checkpoint restores cleanly ("
                           f"{'; '.join(failures) or 'none saved'}); damaged steps are in "
-                          f"{os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)}")
+                          f"{storage.join(storage.dirname(self.directory), CORRUPT_DIR)}")
 
   def _move_aside(self, step: int) -> str:
-    target_root = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
-    os.makedirs(target_root, exist_ok=True)
-    target = os.path.join(target_root, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
-    while os.path.exists(target):
+    target_root = storage.join(storage.dirname(self.directory), CORRUPT_DIR)
+    storage.makedirs(target_root)
+    target = storage.join(target_root, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    while storage.exists(target):
       target += "_"
     if jax.process_index() == 0:  # every host saw the same failure; one moves the directory
-      os.replace(os.path.join(self.directory, str(step)), target)
+      # Locally one rename; in a bucket a copy of each object, then the deletion of the originals:
+      # not atomic, but a move cut short leaves (part of) the step in place, found damaged and
+      # moved aside again by the next restore.
+      storage.move(storage.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
@@ -135,7 +141,7 @@ class Checkpointer:
       except Exception as e:  # another run's final weights: no silent fallback to older ones
         reason = _reason(e)
       _settle()
-    raise CheckpointError(f"{os.path.join(self.directory, str(step))}: the params do not restore "
+    raise CheckpointError(f"{storage.join(self.directory, str(step))}: the params do not restore "
                           f"({reason})")
 
   def meta(self, step: int) -> dict:

@@ -7,7 +7,6 @@ step, RNG, data position) is in the checkpointed TrainState.
 """
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -17,6 +16,7 @@ from absl import flags, logging
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
+from rlhf_jax import storage
 from rlhf_jax.errors import NonFiniteError
 from rlhf_jax.model.config import ModelConfig
 from rlhf_jax.model.transformer import Transformer, init_params
@@ -65,7 +65,7 @@ def params_setup(config, workdir: Optional[str], mesh: Mesh, model: Transformer,
   model beside it) and whose optimizer schedule spans total_updates."""
   tx = make_optimizer(config.optimizer, total_updates)
   abstract, shardings = state_shardings(init_fn, tx, mesh, extra)
-  ckpt = workdir and Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = workdir and Checkpointer(storage.join(workdir, "checkpoints"),
                                  max_to_keep=config.train.keep_checkpoints,
                                  async_save=config.train.async_checkpointing)
   return Setup(mesh, model, tx, abstract, shardings, ckpt)
@@ -84,7 +84,7 @@ def initial_state(config, s: Setup) -> TrainState:
 def restore_params(run_dir: str, abstract: TrainState):
   """Final params of an earlier run (any optimizer config of the same structure), onto
   abstract's shardings."""
-  with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+  with Checkpointer(storage.join(run_dir, "checkpoints")) as ckpt:
     return ckpt.restore_params(abstract.params)
 
 
@@ -148,7 +148,7 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
   t = config.train
   writer = MetricsWriter(workdir)
   # The directory the run really used, whatever config.workdir says (a sweep stage, --workdir).
-  writer.write_config(dict(config.to_dict(), **(run_info or {}), workdir=os.path.abspath(workdir)))
+  writer.write_config(dict(config.to_dict(), **(run_info or {}), workdir=storage.absolute(workdir)))
   preemption = Preemption()
   start, last = int(state.step), {}
   guard = NonFiniteGuard(t.get("max_nonfinite_skips", 0),
@@ -178,6 +178,7 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
       stopping = preemption.requested  # polled once a step, after the (possibly long) evaluation
       if saved or stopping:  # orbax refuses a second save of the same step, hence force
         guard.check(saved_step, s.ckpt.directory)
+        writer.flush()  # a bucket's metrics object is rewritten lazily: complete up to each checkpoint
         _save_finite(s.ckpt, i, state, {"nonfinite_skips": guard.skipped}, saved_step, force=not saved)
         saved_step = i
       if stopping:
@@ -213,11 +214,11 @@ def config_main(train: Callable[[Any, str], dict], example: str) -> Callable:
       cli.fail(f"--config is required, e.g. --config={example}")
     workdir = workdir_flag.value or config.workdir
     last = train(config, workdir)
-    with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    with Checkpointer(storage.join(workdir, "checkpoints")) as ckpt:
       saved = ckpt.latest_step()
     if saved != config.train.steps:  # stopped by SIGTERM after checkpointing: not done
       print(f"interrupted at step {saved} of {config.train.steps}; run the same command again to resume")
       raise SystemExit(75)  # EX_TEMPFAIL, as the sweep: schedulers requeue, the rerun resumes
-    print(f"done: {workdir} (metrics: {os.path.join(workdir, 'metrics.jsonl')}); last: {last}")
+    print(f"done: {workdir} (metrics: {storage.join(workdir, 'metrics.jsonl')}); last: {last}")
 
   return main

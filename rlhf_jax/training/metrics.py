@@ -4,6 +4,14 @@ The JSONL file is the record of truth: it needs no TensorBoard to read, survives
 (each line is flushed as it is written) and a reopened writer appends to it, so a resumed run
 continues the same file. TensorBoard events go to `<logdir>/tb` via tensorboardX (no TensorFlow).
 
+A logdir on object storage (gs://, rlhf_jax.storage) cannot be appended to: the writer keeps the
+file's lines in memory and rewrites the whole object at most every FLUSH_SECONDS while writing, and
+on `flush()` and `close()` (the training loop flushes before each checkpoint, so a resumed run's
+metrics are complete up to its last checkpoint). Its TensorBoard events are written to a local
+temporary directory and uploaded to `<logdir>/tb/` at the same moments: tensorboardX's own gs://
+writer uploads from a background thread (a failure there stalls `add_scalar` once its queue
+fills) and is kept alive by an atexit hook that uploads again at exit.
+
 Only one process should write a given logdir; on multi-host jobs construct the writer on
 `jax.process_index() == 0` only.
 """
@@ -14,7 +22,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
@@ -23,11 +33,14 @@ import jax
 import numpy as np
 import tqdm
 
+from rlhf_jax import storage
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 TB_DIR = "tb"
 # Wall-clock figures of a metrics row: two runs of the same steps differ in these and nothing else.
 TIMING_KEYS = ("steps_per_second", "first_step_seconds")
+FLUSH_SECONDS = 5.0  # how stale a remote metrics object may get while a run writes
 
 
 def without_timings(row: Mapping[str, Any]) -> dict:
@@ -104,25 +117,36 @@ class MetricsWriter:
   can notice (and e.g. stop on) a diverging metric.
   """
 
-  def __init__(self, logdir: str, *, tensorboard: bool = True):
-    self.logdir = logdir
-    os.makedirs(logdir, exist_ok=True)
-    self.path = os.path.join(logdir, METRICS_FILE)
-    _drop_torn_tail(self.path)
-    self._file = open(self.path, "a", encoding="utf-8")
+  def __init__(self, logdir: str, *, tensorboard: bool = True, flush_seconds: Optional[float] = None):
+    self.logdir, self.remote = logdir, storage.is_remote(logdir)
+    self.flush_seconds = FLUSH_SECONDS if flush_seconds is None else flush_seconds
+    storage.makedirs(logdir)
+    self.path = storage.join(logdir, METRICS_FILE)
+    self.closed = False
     self.nonfinite: collections.Counter[str] = collections.Counter()
-    self._tb = None
+    self._file, self._lines, self._dirty = None, [], False
+    self._uploaded_at, self._tb_sent = -math.inf, {}
+    if self.remote:
+      self._lines = _complete_lines(self.path)
+      self._dirty = not storage.exists(self.path)  # an empty file, as a local writer leaves one
+    else:
+      _drop_torn_tail(self.path)
+      self._file = open(self.path, "a", encoding="utf-8")
+    self._tb, self._tb_dir = None, None
     if tensorboard:
       # Imported lazily so JSONL-only users (tests, analysis scripts) do not pay for it.
       from tensorboardX import SummaryWriter
+      self._tb_dir = tempfile.mkdtemp(prefix="rlhf_jax-tb-") if self.remote else storage.join(logdir, TB_DIR)
       # tensorboardX names event files by the second and hostname and opens them with "wb", so a
       # writer reopened within the same second (a fast restart) would erase the earlier file;
       # a unique suffix keeps each writer's events in a file of its own.
-      self._tb = SummaryWriter(logdir=os.path.join(logdir, TB_DIR),
-                               filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+      self._tb = SummaryWriter(logdir=self._tb_dir, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    if self.remote and self._dirty:
+      self._upload()
+      self._uploaded_at = -math.inf  # that was the empty file: the first row still goes up at once
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    if self._file is None:
+    if self.closed:
       raise ValueError("MetricsWriter is closed")
     if "step" in metrics:
       raise ValueError("'step' is reserved for the step number")
@@ -134,35 +158,67 @@ class MetricsWriter:
         self.nonfinite[k] += 1
         v = None
       record[k] = v
-    # One write of a complete line, then flush: a killed process leaves at most a torn last line.
-    self._file.write(json.dumps(record, allow_nan=False) + "\n")
-    self._file.flush()
+    line = json.dumps(record, allow_nan=False) + "\n"
+    if self.remote:
+      self._lines.append(line)
+      self._dirty = True
+    else:
+      # One write of a complete line, then flush: a killed process leaves at most a torn last line.
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, float(v), step)
+    if self.remote and time.monotonic() - self._uploaded_at >= self.flush_seconds:
+      self.flush()
 
   def write_config(self, config: Mapping[str, Any]) -> None:
     """Writes `<logdir>/config.json` (replacing it), so a run's settings sit beside its metrics."""
-    path = os.path.join(self.logdir, CONFIG_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(dict(config), f, indent=2, sort_keys=True, default=_config_default)
-      f.write("\n")
-    os.replace(tmp, path)  # atomic: a reader never sees a half-written config
+    text = json.dumps(dict(config), indent=2, sort_keys=True, default=_config_default) + "\n"
+    storage.write_atomic(storage.join(self.logdir, CONFIG_FILE), text)  # a reader never sees half of it
 
   def flush(self) -> None:
+    """Everything written so far, on disk or in the bucket (TensorBoard: what tensorboardX's
+    worker has taken from its queue; all of it on close)."""
+    if self.closed:
+      return
     if self._file is not None:
       self._file.flush()
     if self._tb is not None:
       self._tb.flush()
+    if self.remote:
+      self._upload()
+
+  def _upload(self) -> None:
+    """Rewrites the metrics object (when it changed) and uploads the event files that grew."""
+    if self._dirty:
+      storage.write_atomic(self.path, "".join(self._lines))
+      self._dirty = False
+    if self._tb_dir is not None:
+      for name in sorted(os.listdir(self._tb_dir)):
+        local = os.path.join(self._tb_dir, name)
+        size = os.path.getsize(local)
+        if size != self._tb_sent.get(name):  # an event file only grows
+          with open(local, "rb") as f:
+            storage.write_atomic(storage.join(self.logdir, TB_DIR, name), f.read())
+          self._tb_sent[name] = size
+    self._uploaded_at = time.monotonic()
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    if self.closed:
+      return
+    self.closed = True
+    try:
+      if self._file is not None:
+        self._file.close()
+      if self._tb is not None:
+        self._tb.close()  # writes every queued event to its (local) file
+      if self.remote:
+        self._upload()
+    finally:
+      self._file, self._tb = None, None
+      if self.remote and self._tb_dir is not None:
+        shutil.rmtree(self._tb_dir, ignore_errors=True)
 
   def __enter__(self) -> "MetricsWriter":
     return self
@@ -184,7 +240,8 @@ def _config_default(obj: Any) -> Any:
 
 
 def _drop_torn_tail(path: str) -> None:
-  """Truncates a last line left without its newline by a killed writer, so appends start clean."""
+  """Truncates a last line left without its newline by a killed writer, so appends start clean
+  (a local file: only there can a writer append)."""
   if not os.path.exists(path):
     return
   with open(path, "rb+") as f:
@@ -193,16 +250,25 @@ def _drop_torn_tail(path: str) -> None:
       f.truncate(data.rfind(b"\n") + 1)
 
 
+def _complete_lines(path: str) -> list[str]:
+  """The complete lines of a metrics file, each with its newline; a torn last line (a file
+  copied from a killed local run) is dropped, as `_drop_torn_tail` does."""
+  if not storage.exists(path):
+    return []
+  lines = storage.read_text(path).split("\n")
+  return [line + "\n" for line in lines[:-1]]
+
+
 def read_metrics(path: str) -> list[dict]:
-  """Reads a metrics.jsonl (or the logdir holding one) back as a list of dicts, in file order.
+  """Reads a metrics.jsonl (or the logdir holding one) back as a list of dicts, in file order;
+  `path` may be local or on object storage.
 
   A final line without a newline is a write cut short by a killed process and is skipped; a
   malformed line anywhere else means real corruption and raises.
   """
-  if os.path.isdir(path):
-    path = os.path.join(path, METRICS_FILE)
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  if storage.isdir(path):
+    path = storage.join(path, METRICS_FILE)
+  lines = storage.read_text(path).split("\n")
   # split leaves "" after a trailing newline, or the torn fragment when there is none.
   return [json.loads(line) for line in lines[:-1] if line.strip()]
 

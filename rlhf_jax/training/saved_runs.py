@@ -4,11 +4,11 @@ step, and the tokenizer several runs must share.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, NamedTuple, Optional
 
 import ml_collections
 
+from rlhf_jax import storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.model import lora
 from rlhf_jax.model.config import ModelConfig
@@ -39,7 +39,7 @@ class FrozenModel:
     bases = {} if bases is None else bases
     if self.spec is None:
       self.abstract, self.shardings = state_shardings(lambda r: init_params(cfg, r), tx, mesh)
-      key = os.path.abspath(run_dir)
+      key = storage.absolute(run_dir)
       if key not in bases:
         bases[key] = loop.restore_params(run_dir, self.abstract), self.shardings.params
       self.params, _ = bases[key]
@@ -74,7 +74,7 @@ def load_policy(run_dir: str, mesh, step: Optional[int] = None) -> Policy:
   source = config.get("policy_from") or run_dir
   base = FrozenModel(source, mesh)  # the model, and for an LM run its last params
   spec = adapters.spec_of(config) if source != run_dir else None
-  with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+  with Checkpointer(storage.join(run_dir, "checkpoints")) as ckpt:
     last = ckpt.latest_step()
     step = last if step is None else step
     if step not in ckpt.all_steps():
@@ -92,5 +92,4 @@ def load_policy(run_dir: str, mesh, step: Optional[int] = None) -> Policy:
 
 
 def load_run_config(run_dir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(run_dir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(storage.read_text(storage.join(run_dir, "config.json"))))

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from rlhf_jax import storage
 from rlhf_jax.data.hh_rlhf import catalog
 from rlhf_jax.data.hh_rlhf.records import read_comparisons, read_red_team
 
@@ -76,8 +77,8 @@ class HhRlhf(tfds.core.GeneratorBasedBuilder):
         raise FileNotFoundError(f"hh-rlhf manual_dir: {e}") from None
       paths = dl_manager.download({s: catalog.url(rel) for s, rel in files.items()})
       return {s: self._generate_examples(s, os.fspath(p)) for s, p in paths.items()}
-    found = {s: os.path.join(manual, rel) for s, rel in files.items()
-             if os.path.exists(os.path.join(manual, rel))}
+    found = {s: storage.join(manual, rel) for s, rel in files.items()
+             if storage.exists(storage.join(manual, rel))}
     if not found:
       raise FileNotFoundError(f"none of {sorted(files.values())} found under manual_dir {manual}")
     missing = sorted(set(files) - set(found))

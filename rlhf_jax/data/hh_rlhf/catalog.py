@@ -8,6 +8,7 @@ import os
 import warnings
 from typing import NamedTuple, Optional
 
+from rlhf_jax import storage
 from rlhf_jax.data import locations
 from rlhf_jax.errors import DataError
 
@@ -95,12 +96,18 @@ def known_checksum(relative_path: str, *, sample: bool = False) -> Optional[Chec
 
 
 def _is_sample(path: str, relative_path: str) -> bool:
+  if storage.is_remote(path):
+    return False
   return os.path.realpath(path) == os.path.realpath(os.path.join(SAMPLE_DIR, relative_path))
 
 
 def checksum_of(path: str) -> Checksum:
-  with open(path, "rb") as f:
-    return Checksum(os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest())
+  digest, size = hashlib.sha256(), 0
+  with storage.open_file(path, "rb") as f:  # a local copy, or one in a bucket
+    while block := f.read(1 << 20):
+      digest.update(block)
+      size += len(block)
+  return Checksum(size, digest.hexdigest())
 
 
 def verify_file(path: str, relative_path: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import NamedTuple, Optional
 
+from rlhf_jax import storage
+from rlhf_jax.data import locations
 from rlhf_jax.data.hh_rlhf import catalog
 from rlhf_jax.errors import DataError
 
@@ -21,7 +23,11 @@ def load_split(subset: str = "harmless-base", split: str = "test", *, data_dir: 
 
   source_dir: a local copy laid out like upstream; default: the best local copy
     (`catalog.local_source_dir`), and a download from upstream if there is none.
-  data_dir: where TFDS writes the prepared ArrayRecord files (default: TFDS's own default).
+  data_dir: where TFDS writes the prepared ArrayRecord files (default: TFDS's own default). In a
+    bucket (gs://...), this host's `locations.local_cache` stands in for it: ArrayRecord files are
+    written and read by C++ through plain open(), which cannot reach a bucket (without TensorFlow's
+    file system, not installed), and the prepared data are derived deterministically from the source
+    files, so each host prepares its own copy once; nothing is written to the bucket.
   keep_ties: keep comparisons whose two texts are identical (left out, and counted, by default).
   """
   import tensorflow_datasets as tfds  # heavy: only data preparation pays for it
@@ -30,11 +36,13 @@ def load_split(subset: str = "harmless-base", split: str = "test", *, data_dir: 
 
   tfds.disable_progress_bar()  # one bar per split and shard floods the logs of a training run
   catalog.split_files(subset)  # validates the names early
-  if source_dir and not os.path.exists(os.path.join(source_dir, catalog.split_files(subset)[split])):
+  if source_dir and not storage.exists(storage.join(source_dir, catalog.split_files(subset)[split])):
     # An explicit local copy without the split is a mistake to report, not a reason to download.
     raise FileNotFoundError(f"hh-rlhf {subset}/{split}: {catalog.split_files(subset)[split]} not found "
                             f"under source_dir {source_dir}")
   source_dir = source_dir or catalog.local_source_dir(subset, split)
+  if data_dir:
+    data_dir = locations.local_cache("tfds", data_dir, storage.absolute(source_dir) if source_dir else catalog.UPSTREAM)
   builder = HhRlhf(config=subset, data_dir=data_dir, file_format="array_record",
                    skip_malformed=skip_malformed, keep_ties=keep_ties)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(

@@ -13,11 +13,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
+import io
 import json
 import os
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+from rlhf_jax import storage
 from rlhf_jax.data.dialogue import ASSISTANT, parse_turns, split_comparison
 from rlhf_jax.errors import DataError, UserError
 
@@ -79,6 +81,9 @@ def _gzip_error(path: str, error: Exception, complete_lines: int) -> DataError:
 
 
 def _open(path: str):
+  if storage.is_remote(path):  # read whole (these files fit in memory), then parsed as a local file is
+    raw = io.BytesIO(storage.read_bytes(path))
+    return gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
