@@ -44,9 +44,13 @@ def _epath(path: PathLike):
 def _quiet_gcsfs() -> None:
   # gcsfs asks every bucket whether it has a hierarchical namespace and, without application
   # default credentials (an emulator, a token in the environment), logs a warning per call.
+  # Its retry loop also logs each failure it gives up on with a traceback; the caller reports it
+  # as one StorageError line instead.
   class _NoBucketTypeNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-      return "Could not determine bucket type" not in record.getMessage()
+      message = record.getMessage()
+      return not any(s in message for s in ("Could not determine bucket type", "out of retries on exception",
+                                            "non-retriable exception"))
   logging.getLogger("gcsfs").addFilter(_NoBucketTypeNotice())
 
 
@@ -75,6 +79,27 @@ def _remote_errors(fn):
     except Exception as e:  # gcsfs/aiohttp raise HttpError, ClientError, OSError, TimeoutError
       raise StorageError(f"{os.fspath(path)}: {describe(e)}") from e
   return wrapped
+
+
+_TRANSPORT_MESSAGES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENIED",
+                       "Connection refused", "Connect call failed", "Cannot connect to host")
+
+
+def transport_error(e: BaseException) -> bool:
+  """Whether `e` (or what caused it) is the storage service failing (unreachable, timing out,
+  refusing credentials) rather than a file being missing or damaged."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (ConnectionError, TimeoutError)) or any(s in str(e) for s in _TRANSPORT_MESSAGES):
+      return True
+    if type(e).__module__.startswith(("aiohttp", "google.auth")):
+      return True
+    code = getattr(e, "code", None)
+    if type(e).__name__ == "HttpError" and isinstance(code, int) and (code >= 500 or code in (401, 403)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def describe(e: BaseException) -> str:

@@ -127,3 +127,19 @@ def test_objects_survive_a_server_restart(gcs_server):
   storage.write_atomic(path, b"kept")
   gcs_server.restart()
   assert storage.read_bytes(path) == b"kept"
+
+
+def test_transport_errors_are_told_from_missing_or_damaged_files():
+  """What Checkpointer reports as the service failing (one line, nothing moved aside) against what
+  it treats as a damaged step (moved aside)."""
+  try:
+    try:
+      raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 4443)")
+    except OSError as inner:
+      raise ValueError("tensorstore: write failed") from inner
+  except ValueError as chained:
+    assert storage.transport_error(chained)
+  assert storage.transport_error(ValueError("UNAVAILABLE: HTTP request failed"))
+  assert storage.transport_error(TimeoutError())
+  assert not storage.transport_error(FileNotFoundError("gs://runs/x/checkpoints/2/state/d/0"))
+  assert not storage.transport_error(ValueError("DATA_LOSS: Error reading chunk: unexpected end of file"))

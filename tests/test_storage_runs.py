@@ -226,10 +226,18 @@ def _final_params(workdir: str):
     return jax.tree.map(np.asarray, ckpt.restore(s.abstract)[0].params)
 
 
-def test_lm_run_in_a_bucket_equals_the_same_run_on_disk(gcs_server, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def local_lm(tmp_path_factory) -> str:
+  """The tiny LM run on local disk that the bucket runs are compared with."""
   from rlhf_jax.trainers import train_lm
-  local, remote = str(tmp_path / "lm"), _bucket_dir("lm")
+  local = str(tmp_path_factory.mktemp("local_lm") / "lm")
   train_lm.train(_tiny_lm_config(), local)
+  return local
+
+
+def test_lm_run_in_a_bucket_equals_the_same_run_on_disk(gcs_server, local_lm, monkeypatch):
+  from rlhf_jax.trainers import train_lm
+  local, remote = local_lm, _bucket_dir("lm")
   # The metrics object only on flush, and what the bucket holds as each checkpoint is saved.
   monkeypatch.setattr(metrics, "FLUSH_SECONDS", 3600.0)
   at_save, save = {}, Checkpointer.save
@@ -249,3 +257,31 @@ def test_lm_run_in_a_bucket_equals_the_same_run_on_disk(gcs_server, tmp_path, mo
   assert storage.exists(storage.join(remote, "config.json"))
   assert storage.listdir(storage.join(remote, "checkpoints")) == ["2", "4"]
   assert storage.listdir(storage.join(remote, metrics.TB_DIR))
+
+
+def test_a_bucket_that_dies_mid_save_fails_in_one_line_and_the_rerun_loses_nothing(gcs_server, local_lm,
+                                                                                    monkeypatch):
+  """The server is killed as step 4 is saved: the run ends with a StorageError naming the bucket
+  (after the clients' bounded retries) instead of hanging, step 2 stays committed, and once the
+  server is back the same command resumes from step 2 to the uninterrupted run's weights."""
+  from rlhf_jax.errors import StorageError, UserError
+  from rlhf_jax.trainers import train_lm
+  local, remote = local_lm, _bucket_dir("lm_dies")
+  tokenizer = os.path.join(local, "tokenizer.model")
+  save = Checkpointer.save
+  def dying_save(self, step, *args, **kwargs):
+    if int(step) == 4:
+      gcs_server.kill()
+    return save(self, step, *args, **kwargs)
+  monkeypatch.setattr(Checkpointer, "save", dying_save)
+  try:
+    with pytest.raises(StorageError, match=remote) as e:
+      train_lm.train(_tiny_lm_config(tokenizer), remote)
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+  finally:
+    gcs_server.start()
+  monkeypatch.setattr(Checkpointer, "save", save)
+  assert storage.listdir(storage.join(remote, "checkpoints")) == ["2"]
+  train_lm.train(_tiny_lm_config(tokenizer), remote)
+  _assert_bitwise(_final_params(remote), _final_params(local))
+  assert [r["step"] for r in read_metrics(remote)][-2:] == [3, 4]

@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax import storage
-from rlhf_jax.errors import CheckpointError
+from rlhf_jax.errors import CheckpointError, StorageError
 
 CORRUPT_DIR = "checkpoints_corrupt"
 
@@ -76,19 +76,34 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
 
+  @contextlib.contextmanager
+  def _service(self, what: str):
+    """A bucket that stops answering (after the clients' bounded retries) as one line naming the
+    directory; the last committed step is untouched (orbax commits a step with a marker written
+    last), so a rerun once the service is back resumes from it."""
+    try:
+      yield
+    except Exception as e:  # gcsfs/aiohttp/tensorstore each raise their own types
+      if storage.is_remote(self.directory) and storage.transport_error(e):
+        raise StorageError(f"{self.directory}: {what} failed, the storage service did not answer "
+                           f"({storage.describe(e)}); run again to resume from the last committed step") from e
+      raise
+
   def save(self, step: int, state: Any, meta: Optional[dict] = None, *, force: bool = False) -> bool:
     """Starts saving `state` at `step`; returns whether a save was started."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
-    return self._manager.save(int(step), args=args, force=force)
+    with self._service(f"saving step {step}"):
+      return self._manager.save(int(step), args=args, force=force)
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` (default: latest) onto the shardings of abstract_state."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    with self._service(f"restoring step {step}"):
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
   def restore_newest_good(self, abstract_state: Any) -> tuple[Any, dict]:
@@ -99,6 +114,8 @@ class Checkpointer:
       with _quiet_orphaned_reads():
         try:
           return self.restore(abstract_state, step)
+        except StorageError:  # the service, not the step: nothing is moved aside
+          raise
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
           reason = _reason(e)
         _settle()
@@ -159,10 +176,12 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
-    self._manager.wait_until_finished()
+    with self._service("a save"):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    with self._service("a save"):
+      self._manager.wait_until_finished()
     self._manager.close()
 
   def __enter__(self):
