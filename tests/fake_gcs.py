@@ -6,13 +6,17 @@ reads TENSORSTORE_GCS_HTTP_URL, gcsfs (epath's gs://) reads STORAGE_EMULATOR_HOS
 """
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import pathlib
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
+from typing import Iterator
 
 
 def _binary() -> str:
@@ -80,3 +84,31 @@ class FakeGCS:
       token = page.get("nextPageToken", "")
       if not token:
         return sorted(names)
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+  def _refuse(self):
+    body = (b'{"error": {"code": 403, "message": "runner@example.iam.gserviceaccount.com does not have '
+            b'storage.objects.create access to the Google Cloud Storage object."}}')
+    self.send_response(403)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  do_GET = do_POST = do_PUT = do_DELETE = _refuse
+
+  def log_message(self, *args):
+    pass
+
+
+@contextlib.contextmanager
+def refusing_server() -> Iterator[str]:
+  """The URL of a server that answers 403 to everything, as GCS does to an account without access.
+  (A 401, an expired token, gcsfs retries for about 35 s, then fails the same way.)"""
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    yield f"http://127.0.0.1:{server.server_port}"
+  finally:
+    server.shutdown()

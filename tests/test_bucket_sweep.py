@@ -2,13 +2,11 @@
 against a real GCS JSON-API server (tests/fake_gcs.py), SIGKILLed in the middle of PPO and run
 again, gives the local-disk sweep's results and leaves the whole run in the bucket; a missing bucket
 or refused credentials are one line and exit 2 before any work."""
-import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -16,6 +14,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax import storage
+
+from fake_gcs import refusing_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = os.path.join(ROOT, "tests", "fixtures", "micro_sweep.py")
@@ -92,33 +92,13 @@ def test_the_bucket_holds_the_whole_run(bucket_sweep, micro_sweep_dir):
   assert steps[-1] == 4 and set(range(1, 5)) <= set(steps), steps  # nothing lost to the kill
 
 
-class _Refusing(http.server.BaseHTTPRequestHandler):
-  def _refuse(self):
-    body = b'{"error": {"code": 403, "message": "caller does not have storage.objects.create access"}}'
-    self.send_response(403)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(body)))
-    self.end_headers()
-    self.wfile.write(body)
-
-  do_GET = do_POST = do_PUT = do_DELETE = _refuse
-
-  def log_message(self, *args):
-    pass
-
-
 def test_missing_bucket_and_refused_credentials_are_one_line_and_exit_2(gcs_server):
   missing = subprocess.run(_sweep("gs://no-such-bucket/run"), cwd=ROOT, env=_env(gcs_server),
                            capture_output=True, text=True, timeout=300)
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
-  threading.Thread(target=server.serve_forever, daemon=True).start()
-  try:
-    env = dict(_env(gcs_server), STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{server.server_port}",
-               TENSORSTORE_GCS_HTTP_URL=f"http://127.0.0.1:{server.server_port}")
+  with refusing_server() as url:
+    env = dict(_env(gcs_server), STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
     refused = subprocess.run(_sweep("gs://runs/refused"), cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
-  finally:
-    server.shutdown()
   for result, url, says in ((missing, "gs://no-such-bucket/run", ""), (refused, "gs://runs/refused", "access")):
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -1,14 +1,14 @@
 """rlhf_jax.storage on local disk and on a real GCS JSON-API server (tests/fake_gcs.py): the same
 calls give the same answers, a second client sees what the first wrote, and failures are one line
 naming the URL."""
-import http.server
-import threading
 import uuid
 
 import pytest
 
 from rlhf_jax import storage
 from rlhf_jax.errors import StorageError, UserError
+
+from fake_gcs import refusing_server
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -89,37 +89,17 @@ def test_missing_bucket_is_one_line_naming_it(gcs_server):
   assert isinstance(e.value, UserError) and "\n" not in str(e.value)
 
 
-class _Refusing(http.server.BaseHTTPRequestHandler):
-  def _refuse(self):
-    body = (b'{"error": {"code": 403, "message": "runner@example.iam.gserviceaccount.com does not have '
-            b'storage.objects.create access to the Google Cloud Storage object."}}')
-    self.send_response(403)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(body)))
-    self.end_headers()
-    self.wfile.write(body)
-
-  do_GET = do_POST = do_PUT = do_DELETE = _refuse
-
-  def log_message(self, *args):
-    pass
-
-
 def test_refused_credentials_are_one_line_naming_the_url(monkeypatch):
-  """A server that answers 403 to everything, as GCS does to an account without access. (A 401,
-  an expired token, gcsfs retries for about 35 s, then fails the same way.)"""
   import fsspec
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
-  threading.Thread(target=server.serve_forever, daemon=True).start()
-  try:
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+  with refusing_server() as url:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
     fsspec.filesystem("gcs", finalize_on_close=True).clear_instance_cache()  # a client for this server
-    with pytest.raises(StorageError, match="gs://runs/refused") as e:
-      storage.check_writable("gs://runs/refused")
-    assert "does not have storage.objects.create access" in str(e.value)
-  finally:
-    server.shutdown()
-    fsspec.filesystem("gcs", finalize_on_close=True).clear_instance_cache()
+    try:
+      with pytest.raises(StorageError, match="gs://runs/refused") as e:
+        storage.check_writable("gs://runs/refused")
+      assert "does not have storage.objects.create access" in str(e.value)
+    finally:
+      fsspec.filesystem("gcs", finalize_on_close=True).clear_instance_cache()
 
 
 def test_objects_survive_a_server_restart(gcs_server):
