@@ -127,8 +127,8 @@ class MetricsWriter:
     self._file, self._lines, self._dirty = None, [], False
     self._uploaded_at, self._tb_sent = -math.inf, {}
     if self.remote:
-      self._lines = _complete_lines(self.path)
-      self._dirty = not storage.exists(self.path)  # an empty file, as a local writer leaves one
+      lines = _complete_lines(self.path)
+      self._lines, self._dirty = lines or [], lines is None  # none yet: an empty file, as a local writer leaves
     else:
       _drop_torn_tail(self.path)
       self._file = open(self.path, "a", encoding="utf-8")
@@ -250,12 +250,13 @@ def _drop_torn_tail(path: str) -> None:
       f.truncate(data.rfind(b"\n") + 1)
 
 
-def _complete_lines(path: str) -> list[str]:
-  """The complete lines of a metrics file, each with its newline; a torn last line (a file
-  copied from a killed local run) is dropped, as `_drop_torn_tail` does."""
-  if not storage.exists(path):
-    return []
-  lines = storage.read_text(path).split("\n")
+def _complete_lines(path: str) -> Optional[list[str]]:
+  """The complete lines of a metrics file, each with its newline (None where there is no file); a
+  torn last line (a file copied from a killed local run) is dropped, as `_drop_torn_tail` does."""
+  try:
+    lines = storage.read_text(path).split("\n")
+  except FileNotFoundError:
+    return None
   return [line + "\n" for line in lines[:-1]]
 
 
