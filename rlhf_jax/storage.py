@@ -202,7 +202,7 @@ def write_atomic(path: PathLike, data: Union[str, bytes]) -> None:
     _epath(path).write_bytes(raw)
     return
   path = os.fspath(path)
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # each process its own: two writing one file never share a half
   with open(tmp, "wb") as f:
     f.write(raw)
   os.replace(tmp, path)

@@ -1,6 +1,7 @@
 """PM evaluation statistics against hand computations: Wilson interval, reliability bins and ECE,
 the table and plot, score normalisation files."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -173,7 +174,7 @@ def test_score_normalisation_round_trip(tmp_path):
   assert stats["std"] == pytest.approx(np.std(scores.astype(np.float64)))  # population std
   path = cal.save_normalisation(stats, str(tmp_path))
   assert path == str(tmp_path / cal.NORMALISATION_FILE)
-  assert not (tmp_path / (cal.NORMALISATION_FILE + ".tmp")).exists()
+  assert os.listdir(tmp_path) == [cal.NORMALISATION_FILE]  # no temporary file left beside it
   assert cal.load_normalisation(str(tmp_path)) == stats
 
 

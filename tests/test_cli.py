@@ -53,6 +53,35 @@ def test_unknown_config_key(job, config, typo, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--jax_coordinator=127.0.0.1:1234"], "--jax_coordinator needs --jax_num_processes and --jax_process_id"),
+    (["--jax_num_processes=2", "--jax_process_id=0"], "need --jax_coordinator"),
+    (["--jax_coordinator=h:1", "--jax_num_processes=2", "--jax_process_id=2"], "--jax_process_id=2 is not in [0, "),
+])
+def test_distributed_flags_join_named_peers_or_say_what_is_missing(argv, said, monkeypatch, capsys):
+  from absl import flags
+  calls = []
+  monkeypatch.setattr("jax.distributed.initialize", lambda *a, **k: calls.append((a, k)))
+
+  def joined(args: list[str]) -> list:
+    values = flags.FlagValues()
+    initialize = cli.define_distributed_flags(values)
+    values(["prog", *args])
+    initialize()
+    return calls
+
+  with pytest.raises(SystemExit) as exit_info:
+    joined(argv)
+  assert exit_info.value.code == cli.USAGE_ERROR and not calls
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and said in err, err
+  assert joined([]) == []  # one process: jax.distributed is left alone
+  assert joined(["--jax_distributed"]) == [((), {})]  # a cluster jax discovers itself
+  calls.clear()
+  assert joined(["--jax_coordinator=h:1", "--jax_num_processes=3", "--jax_process_id=2"]) == [
+      ((), {"coordinator_address": "h:1", "num_processes": 3, "process_id": 2})]
+
+
 def test_missing_config_flag(tmp_path):
   line = _one_error_line(_run("train_pm", f"--workdir={tmp_path}"))
   assert "--config is required" in line

@@ -340,6 +340,25 @@ def test_builder_returns_exactly_what_the_reader_reads(tmp_path):
 
 
 @unverified_ok
+def test_processes_preparing_one_data_dir_at_once_all_get_the_split(tmp_path):
+  """Several processes of a job on one host (or sharing a file system) load the same split into
+  one empty data_dir at once: the others wait for the first's preparation and read it, where TFDS
+  alone has the later ones fail to rename their copy into place."""
+  import concurrent.futures
+
+  from rlhf_jax.data.hh_rlhf.load import load_split
+  src = _source(tmp_path, [_good(i) for i in range(40)])
+  expected, _ = read_comparisons(src / "harmless-base" / "train.jsonl.gz")
+  load = lambda _: load_split("harmless-base", "train", data_dir=str(tmp_path / "tfds"), source_dir=str(src))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # flock() excludes another open file as another process's
+    results = list(pool.map(load, range(4)))
+  for got in results:
+    assert [{k: (int(v) if k == "line" else v) for k, v in r.items()} for r in got.records] == expected
+  versions = os.listdir(tmp_path / "tfds" / "hh_rlhf" / "harmless-base")
+  assert [v for v in versions if not v.endswith(".lock")] == ["1.1.0"], versions  # one copy, no leftovers
+
+
+@unverified_ok
 def test_builder_skip_malformed_reports_counts_also_when_cached(tmp_path):
   from rlhf_jax.data.hh_rlhf.load import load_split
   lines = [_good(0), MALFORMED["not_json"][0], _good(2), MALFORMED["missing_chosen"][0],

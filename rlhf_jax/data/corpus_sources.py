@@ -208,8 +208,10 @@ def _tfds_documents(source: str, field: str, data_dir: str) -> Iterator[str]:
   import tensorflow_datasets as tfds  # heavy: only a tfds: corpus pays for it
   tfds.disable_progress_bar()
   try:
-    builder = tfds.builder(name, data_dir=locations.local_cache("tfds", data_dir), file_format="array_record")
-    builder.download_and_prepare()  # a no-op where data_dir holds it prepared already
+    make = lambda: tfds.builder(name, data_dir=locations.local_cache("tfds", data_dir), file_format="array_record")
+    with locations.preparing(os.fspath(make().data_dir)):
+      builder = make()  # made again under the lock: what another process prepared meanwhile is read
+      builder.download_and_prepare()  # a no-op where data_dir holds it prepared already
     data = builder.as_data_source(split)
   except Exception as e:  # TFDS raises many kinds; any of them means this source cannot be read
     first_line = (str(e).splitlines() or [""])[0]

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.data import corpus
 from rlhf_jax.data.batching import Batcher, Encoded, encode_dialogue, pack
 from rlhf_jax.data.chat import with_chat_format
@@ -79,7 +79,7 @@ def load_or_train_tokenizer(config, texts: Iterable[str], workdir: str) -> Token
     tok = load_tokenizer(workdir)
   else:
     tok = train_tokenizer(texts, config.model.vocab_size, workdir)
-  if storage.absolute(storage.dirname(tok.path)) != storage.absolute(workdir):
+  if storage.absolute(storage.dirname(tok.path)) != storage.absolute(workdir) and hosts.is_lead():
     tok.copy_to(workdir)  # every run directory is self-contained: later stages inherit it
   # A pretrained model's embedding may have rows no token uses (padded to a round size).
   if tok.vocab_size > config.model.vocab_size or (tok.vocab_size < config.model.vocab_size and not tok.pretrained):

@@ -14,9 +14,11 @@ stand-ins for data directories configured in a bucket that only a local disk can
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 from rlhf_jax import storage
 from rlhf_jax.errors import ConfigError
@@ -68,3 +70,15 @@ def local_cache(kind: str, path: str, source: str = "") -> str:
     return os.fspath(path)
   digest = hashlib.sha256(f"{storage.absolute(path)}\n{source}".encode("utf-8")).hexdigest()[:16]
   return os.path.join(cache_root(), kind, digest)
+
+
+@contextlib.contextmanager
+def preparing(directory: str) -> Iterator[None]:
+  """Holds `directory`.lock (a local path) while the body prepares `directory`: several processes
+  of one job on a host (or on hosts sharing a file system) would otherwise build the same TFDS
+  data side by side, and the second to finish fails to rename its copy into place. The others
+  wait, then find it prepared."""
+  os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+  with open(f"{directory}.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+    yield

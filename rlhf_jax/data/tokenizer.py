@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.data.json_tokenizer import CHAT_TEMPLATE_FILE, JSON_FILE, SPECIALS_FILE, JsonTokenizer
 from rlhf_jax.data.sequence_start import SequenceStart
 from rlhf_jax.errors import ConfigError
@@ -123,7 +123,8 @@ def _training_sentences(texts: Iterable[str]) -> Iterable[str]:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str) -> Tokenizer:
   """Trains a BPE model on texts, writes <output_dir>/tokenizer.model, returns it loaded. The
-  trainer writes the model to memory, so output_dir may be in a bucket."""
+  trainer writes the model to memory, so output_dir may be in a bucket. Every process of a job
+  calls it alike: the lead's model is the one written and loaded."""
   storage.makedirs(output_dir)
   model = io.BytesIO()
   sentences = list(_training_sentences(texts))
@@ -137,9 +138,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: str) -> T
                       f"{len(sentences)} texts can hold (at most {limit}): lower model.vocab_size, or "
                       f"reuse a tokenizer (tokenizer.path, or init_from a run that has one)") from None
   path = storage.join(output_dir, MODEL_FILE)
-  if storage.exists(storage.join(output_dir, SPECIALS_FILE)):  # an earlier, imported tokenizer's
-    storage.remove(storage.join(output_dir, SPECIALS_FILE))
-  storage.write_atomic(path, model.getvalue())  # a killed run never leaves a half-written model behind
+  if hosts.is_lead():
+    if storage.exists(storage.join(output_dir, SPECIALS_FILE)):  # an earlier, imported tokenizer's
+      storage.remove(storage.join(output_dir, SPECIALS_FILE))
+    storage.write_atomic(path, model.getvalue())  # a killed run never leaves a half-written model behind
+  hosts.barrier(f"tokenizer {path}")
   return Tokenizer(path)
 
 

@@ -13,7 +13,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evals import policy_elo, suite
@@ -69,7 +69,7 @@ def evaluate(config) -> dict:
   results |= suite.run_suites(suites, scorer, tok, config, out_dir, "policy")
   if "elo" in suites:
     results["elo"] = run_elo(config, mesh, tok)
-  if jax.process_index() == 0:
+  if hosts.is_lead():
     suite.write_json(storage.join(out_dir, "evals.json"), results)
     storage.write_atomic(storage.join(out_dir, "evals.md"),
                          suite.markdown({storage.basename(config.policy_dir): results}))

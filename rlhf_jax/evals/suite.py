@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.data import locations
 from rlhf_jax.data.dialogue import ASSISTANT, HUMAN
 from rlhf_jax.errors import ConfigError
@@ -83,12 +83,14 @@ def run_one(name: str, scorer, tok, cfg, out_dir: str, tag: str) -> dict:
     pairs = tuple(tuple(p.split(",")) if isinstance(p, str) else tuple(p) for p in c.pairs)
     result = bias_cloze.evaluate(scorer, tok, tuple(c.occupations) or bias_cloze.OCCUPATIONS,
                                  pairs or bias_cloze.GENDER_PAIRS, tuple(c.templates), seed=seed)
-    bias_cloze.plot(result, storage.join(out_dir, f"bias_cloze_{tag}.png"), title=f"occupation bias ({tag})")
+    if hosts.is_lead():
+      bias_cloze.plot(result, storage.join(out_dir, f"bias_cloze_{tag}.png"), title=f"occupation bias ({tag})")
     return result
   if name == "winogender":
     data = winogender.load_winogender(cfg.winogender.path or (full_data_dir("winogender") if cfg.full else None))
     result = winogender.evaluate(scorer, tok, data)
-    winogender.plot(result, data, storage.join(out_dir, f"winogender_{tag}.png"))
+    if hosts.is_lead():
+      winogender.plot(result, data, storage.join(out_dir, f"winogender_{tag}.png"))
     return result
   if name == "bbq":
     return bbq.evaluate(scorer, tok, _bbq_records(cfg))

@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 from typing import Optional, Sequence
 
-import jax
-
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.experiments.stages import STAGE_DONE, Stage, barrier
 from rlhf_jax.hf import config as hf_config
@@ -101,7 +99,7 @@ def import_stage(config, workdir: str, name: str, mesh_shape: Sequence[int]) -> 
   def run(d):
     # The import writes a new directory and renames it into place: the one the runner made (or a
     # killed import left without stage_done.json) goes first.
-    if jax.process_index() == 0:
+    if hosts.is_lead():
       storage.rmtree(d)
     barrier(f"{stage_name}: cleared")
     runs.import_into(ref, d, runtime, tuple(mesh_shape))

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.experiments import stage_configs, sweep
@@ -144,7 +144,7 @@ def _labels_stage(config, workdir: str, arm: str, size: str, seed: int, r: int) 
     records, report = apply_labeller(records, on.agreement, np.random.default_rng([seed, r, 7]))
     union = [x for q in range(r) for x in read_jsonl(storage.join(_dir(workdir, "labels", arm, size, seed, q),
                                                                   "labels.jsonl"))]
-    if jax.process_index() == 0:
+    if hosts.is_lead():
       write_jsonl(storage.join(d, "labels.jsonl"), records)
       write_jsonl(storage.join(d, "union.jsonl"), union + records)
     barrier(f"labels {arm} {size} {seed} {r}")
@@ -298,7 +298,7 @@ def run_online(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
   if stop_after:
     return {"stopped_after": stop_after, "timings": timings}
   out = {"results": storage.join(workdir, ONLINE_FILE), "timings": timings}
-  if jax.process_index() == 0:
+  if hosts.is_lead():
     write_jsonl(out["results"], collect(config, workdir))
     from rlhf_jax.analysis import online as online_analysis
     out["analysis"] = online_analysis.analyse(workdir)

@@ -30,7 +30,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.training import cli
 from rlhf_jax.training.checkpointing import Checkpointer
@@ -135,10 +135,7 @@ def read_jsonl(path: str) -> list[dict]:
   return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def barrier(name: str) -> None:
-  if jax.process_count() > 1:  # other hosts read what process 0 just wrote
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+barrier = hosts.barrier  # other hosts read what process 0 just wrote
 
 
 def _differences(a, b, prefix: str = "") -> dict[str, tuple]:
@@ -225,7 +222,7 @@ def stale_stages(stages: list[Stage], workdir: str) -> tuple[dict[str, Optional[
 
 def _move_aside(workdir: str, names: list[str]) -> None:
   barrier("stages planned")  # every host has read the records before any directory moves
-  if jax.process_index() == 0:
+  if hosts.is_lead():
     storage.makedirs(storage.join(workdir, STALE_DIR))
     for name in names:
       target = storage.join(workdir, STALE_DIR, f"{name}-{time.strftime('%Y%m%dT%H%M%S')}")
@@ -242,7 +239,7 @@ def _run_one(stage: Stage, workdir: str) -> float:
   t0 = time.perf_counter()
   summary = stage.run(stage_dir)
   seconds = time.perf_counter() - t0
-  if jax.process_index() == 0:
+  if hosts.is_lead():
     record = {"settings": portable(stage.settings, workdir), "summary": portable(summary, workdir),
               "seconds": seconds, "run_id": uuid.uuid4().hex,
               "inputs": {name: fingerprint(storage.join(workdir, name)) for name in stage.inputs}}
@@ -312,19 +309,17 @@ def experiment_main(run: Callable[..., dict], example: str) -> Callable:
   cache_flag = flags.DEFINE_string("compilation_cache", "", "A directory for XLA's persistent compilation "
                                    "cache, shared by later runs ('' = off).")
   stop_flag = flags.DEFINE_string("stop_after", "", "Stop after this stage (e.g. lm_gold).")
-  distributed_flag = flags.DEFINE_bool("jax_distributed", False,
-                                       "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
+  join_processes = cli.define_distributed_flags()
 
   def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
-    if distributed_flag.value:
-      jax.distributed.initialize()
+    join_processes()
     if config_flag.value is None:
       cli.fail(f"--config is required, e.g. --config={example}")
     workdir = workdir_flag.value or config_flag.value.workdir
-    if jax.process_index() == 0:
+    if hosts.is_lead():
       storage.check_writable(workdir)  # a missing bucket or refused credentials: one line, before any work
     use_compilation_cache(cache_flag.value)
     out = exit_75_if_interrupted(run, config_flag.value, workdir, stop_after=stop_flag.value)

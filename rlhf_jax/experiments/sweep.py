@@ -45,7 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.data.chat import with_chat_format
 from rlhf_jax.data.lm_data import tokenizer_texts
 from rlhf_jax.data.tokenizer import Tokenizer, train_tokenizer
@@ -173,7 +173,7 @@ def _labels_stage(config, workdir: str, name: str) -> Stage:
         _frozen(policy, mesh), _frozen(gold_dir, mesh), tok, train_prompts, num_pairs=num_pairs,
         prompt_len=rl.sampling.prompt_len, max_new_tokens=lab.max_new_tokens or rl.sampling.max_new_tokens,
         temperature=lab.temperature, batch_size=lab.batch_size, seed=lab.seed)
-    if jax.process_index() == 0:
+    if hosts.is_lead():
       write_jsonl(storage.join(d, "labels.jsonl"), records)
     barrier(f"labels_{name}")
     return report
@@ -200,7 +200,7 @@ def _bon_stage(config, workdir: str, name: str) -> Stage:
                      eval_prompts.in_order()[0], list(bon.ns), jax.random.PRNGKey(bon.seed),
                      max_new_tokens=rl.sampling.max_new_tokens, temperature=rl.sampling.temperature, eos_id=tok.eos_id,
                      pad_id=tok.pad_id, eoc_id=tok.eoc_id)
-    if jax.process_index() == 0:
+    if hosts.is_lead():
       write_jsonl(storage.join(d, "best_of_n.jsonl"), rows)
     return {"max_n": max(bon.ns)}
   return Stage(f"bon_{name}", settings, run, config_inputs(rl, workdir))  # the initial policy, not PPO's
@@ -245,7 +245,7 @@ def _evals_stage(config, workdir: str, name: str) -> Stage:
           kl, mesh, bon_ns=tuple(ev.elo.bon_ns), games=ev.elo.games, seed=ev.seed,
           sampling={"max_new_tokens": rl.sampling.max_new_tokens, "temperature": rl.sampling.temperature,
                     "eos_id": tok.eos_id, "pad_id": tok.pad_id, "eoc_id": tok.eoc_id})
-    if jax.process_index() == 0:
+    if hosts.is_lead():
       suite.write_json(storage.join(d, "evals.json"), out)
       table = suite.markdown({"initial": out["initial"], "rlhf": out["rlhf"]})
       storage.write_atomic(storage.join(d, "evals.md"), table)
@@ -327,7 +327,7 @@ def run_sweep(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
   rows = collect_results(config, workdir)
   out = {"results": storage.join(workdir, RESULTS_FILE), "timings": timings,
          "seconds_this_run": time.perf_counter() - t_start}
-  if jax.process_index() == 0:
+  if hosts.is_lead():
     write_jsonl(out["results"], rows)
     from rlhf_jax.analysis import report  # matplotlib: imported only when there is something to plot
     out["analysis"] = report.analyse(workdir)

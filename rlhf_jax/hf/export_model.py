@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-import jax
 from absl import flags, logging
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
@@ -69,7 +68,7 @@ def export_run(run_dir: str, out_dir: str, step: Optional[int] = None, dtype: st
   names = weights.hf_names(cfg)
   kind = lambda name: tensor_files.DTYPES[DTYPE_NAMES[dtype] if dtype else dtypes.get(name, "F32")]
   fetch = lambda name: weights.hf_tensor(params, cfg, name).astype(kind(name))
-  if jax.process_index() != 0:
+  if not hosts.is_lead():
     for name in names:  # the gathers are collective: every host takes part, one writes
       fetch(name)
     return out_dir

@@ -29,11 +29,10 @@ import json
 import os
 from typing import Optional, Sequence
 
-import jax
 import ml_collections
 import sentencepiece as spm
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.data.tokenizer import CHAT_TEMPLATE_FILE, JSON_FILE, MODEL_FILE, SPECIALS_FILE, tokenizer_file
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.hf import config as hf_config
@@ -73,12 +72,6 @@ def _run_config(cfg: ModelConfig, hf_dir: str) -> dict:
   c.model = ml_collections.ConfigDict(cfg.to_dict())
   c.workdir = ""
   return dict(c.to_dict(), hf_import={"source": storage.absolute(hf_dir)})
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def import_model(hf_dir: str, out_dir: str, runtime: Optional[dict] = None,
@@ -135,7 +128,7 @@ def _start_run(out_dir: str) -> tuple[str, bool]:
   leaves no run; in a bucket out_dir itself, marked as an import under way (see the module's doc)."""
   remote = storage.is_remote(out_dir)
   partial = out_dir.rstrip("/") + ("" if remote else ".partial")
-  lead = jax.process_index() == 0
+  lead = hosts.is_lead()
   if lead:
     if storage.exists(partial):
       storage.rmtree(partial)  # an earlier import that was killed
@@ -146,16 +139,16 @@ def _start_run(out_dir: str) -> tuple[str, bool]:
 
 
 def _finish_run(partial: str, out_dir: str, params, source: str, cfg: ModelConfig) -> str:
-  _barrier("hf import: directory")
+  hosts.barrier("hf import: directory")
   with Checkpointer(storage.join(partial, "checkpoints"), async_save=False) as ckpt:
     ckpt.save(0, {"params": params}, {"hf_import": storage.absolute(source)})
-  if jax.process_index() == 0:
+  if hosts.is_lead():
     _write_json(storage.join(partial, RUN_CONFIG), _run_config(cfg, source))  # last: it makes the run
     if storage.is_remote(out_dir):
       storage.remove(storage.join(out_dir, IMPORTING))
     else:
       storage.move(partial, out_dir)
-  _barrier("hf import: done")
+  hosts.barrier("hf import: done")
   return out_dir
 
 

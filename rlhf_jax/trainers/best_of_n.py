@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.model.sampling import generate
 from rlhf_jax.trainers.ppo_steps import pm_score
 from rlhf_jax.training import sharding as shd
@@ -109,7 +109,8 @@ def main_factory():
                      max_new_tokens=max_new_flag.value, temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
                      eoc_id=tok.eoc_id)
     lines = [json.dumps(row) + "\n" for row in rows]
-    storage.write_atomic(storage.join(out, "best_of_n.jsonl"), "".join(lines))
+    if hosts.is_lead():
+      storage.write_atomic(storage.join(out, "best_of_n.jsonl"), "".join(lines))
     print("".join(lines), end="")
 
   return main

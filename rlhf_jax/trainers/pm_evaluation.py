@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.data.inputs import eval_comparisons
 from rlhf_jax.data.pm_data import PMBatcher
 from rlhf_jax.objectives import calibration as cal
@@ -43,11 +43,13 @@ def evaluate_pm(pm_dir: str, data_path: Optional[str] = None) -> dict:
   acc = cal.accuracy_interval(scores[:, 0], scores[:, 1])
   calib = cal.calibration(scores[:, 0], scores[:, 1], num_bins=config.get("calibration_bins", 10))
   norm = cal.score_normalisation(scores)
-  cal.save_normalisation(norm, pm_dir)
-  cal.reliability_plot(calib, storage.join(pm_dir, "reliability.png"),
-                       title=f"PM calibration (N={acc.n} comparisons)")
-  storage.write_atomic(storage.join(pm_dir, "calibration.md"), cal.calibration_table(calib) + "\n")
   report = {"accuracy": acc._asdict(), "ece": calib.ece, "normalisation": norm,
             "mean_margin": float(np.mean(scores[:, 0] - scores[:, 1]))}
-  storage.write_atomic(storage.join(pm_dir, "eval_pm.json"), json.dumps(report, indent=2))
+  if hosts.is_lead():
+    cal.save_normalisation(norm, pm_dir)
+    cal.reliability_plot(calib, storage.join(pm_dir, "reliability.png"),
+                         title=f"PM calibration (N={acc.n} comparisons)")
+    storage.write_atomic(storage.join(pm_dir, "calibration.md"), cal.calibration_table(calib) + "\n")
+    storage.write_atomic(storage.join(pm_dir, "eval_pm.json"), json.dumps(report, indent=2))
+  hosts.barrier(f"pm evaluation {pm_dir}")  # what follows may read the normalisation back
   return report

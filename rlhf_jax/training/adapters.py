@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.model import lora
 from rlhf_jax.training.checkpointing import Checkpointer
@@ -89,7 +89,7 @@ def record_base(workdir: str, start_from: str) -> Base:
   base = base_of(start_from)
   if not base.sha256:
     base = base._replace(sha256=checkpoint_hash(base.run_dir, base.step))
-  if jax.process_index() == 0:
+  if hosts.is_lead():
     storage.makedirs(workdir)
     storage.write_atomic(path, json.dumps(base._asdict(), indent=1))
   return base

@@ -20,10 +20,9 @@ import threading
 import time
 from typing import Any, Optional
 
-import jax
 import orbax.checkpoint as ocp
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.errors import CheckpointError, StorageError
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -132,14 +131,12 @@ class Checkpointer:
     target = storage.join(target_root, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
     while storage.exists(target):
       target += "_"
-    if jax.process_index() == 0:  # every host saw the same failure; one moves the directory
+    if hosts.is_lead():  # every host saw the same failure; one moves the directory
       # Locally one rename; in a bucket a copy of each object, then the deletion of the originals:
       # not atomic, but a move cut short leaves (part of) the step in place, found damaged and
       # moved aside again by the next restore.
       storage.move(storage.join(self.directory, str(step)), target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    hosts.barrier(f"checkpoint {step} moved aside")
     self._manager.reload()  # forget the moved step
     return target
 

@@ -16,14 +16,14 @@ from absl import flags, logging
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from rlhf_jax import storage
+from rlhf_jax import hosts, storage
 from rlhf_jax.errors import NonFiniteError
 from rlhf_jax.model.config import ModelConfig
 from rlhf_jax.model.transformer import Transformer, init_params
 from rlhf_jax.training import cli
 from rlhf_jax.training import sharding as shd
 from rlhf_jax.training.checkpointing import Checkpointer
-from rlhf_jax.training.metrics import MetricsWriter, StepClock, progress
+from rlhf_jax.training.metrics import MetricsWriter, StepClock, UnwrittenMetrics, progress
 from rlhf_jax.training.optimizer import make_optimizer
 from rlhf_jax.training.train_state import TrainState, create_train_state, is_finite, state_shardings
 
@@ -146,7 +146,7 @@ def run_steps(config, workdir: str, s: Setup, state: TrainState, *,
   """Steps to config.train.steps; `step(state, data_position)` makes its batch and updates.
   Returns the last logged metrics."""
   t = config.train
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir) if hosts.is_lead() else UnwrittenMetrics()
   # The directory the run really used, whatever config.workdir says (a sweep stage, --workdir).
   writer.write_config(dict(config.to_dict(), **(run_info or {}), workdir=storage.absolute(workdir)))
   preemption = Preemption()
@@ -200,15 +200,13 @@ def config_main(train: Callable[[Any, str], dict], example: str) -> Callable:
   config_flag = config_flags.DEFINE_config_file("config", None, f"Config file, e.g. {example}.",
                                                 lock_config=True)
   workdir_flag = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
-  distributed_flag = flags.DEFINE_bool("jax_distributed", False,
-                                       "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
+  join_processes = cli.define_distributed_flags()
 
   def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if distributed_flag.value:
-      jax.distributed.initialize()
+    join_processes()
     config = config_flag.value
     if config is None:
       cli.fail(f"--config is required, e.g. --config={example}")

@@ -12,8 +12,8 @@ temporary directory and uploaded to `<logdir>/tb/` at the same moments: tensorbo
 writer uploads from a background thread (a failure there stalls `add_scalar` once its queue
 fills) and is kept alive by an atexit hook that uploads again at exit.
 
-Only one process should write a given logdir; on multi-host jobs construct the writer on
-`jax.process_index() == 0` only.
+Only one process should write a given logdir: on multi-process jobs the lead process
+(rlhf_jax.hosts) constructs the writer, the others an UnwrittenMetrics.
 """
 from __future__ import annotations
 
@@ -225,6 +225,22 @@ class MetricsWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class UnwrittenMetrics:
+  """A MetricsWriter's place on a process that does not write the run's files (rlhf_jax.hosts)."""
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    del step, metrics
+
+  def write_config(self, config: Mapping[str, Any]) -> None:
+    del config
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 def _config_default(obj: Any) -> Any:

@@ -43,10 +43,12 @@ def load_split(subset: str = "harmless-base", split: str = "test", *, data_dir: 
   source_dir = source_dir or catalog.local_source_dir(subset, split)
   if data_dir:
     data_dir = locations.local_cache("tfds", data_dir, storage.absolute(source_dir) if source_dir else catalog.UPSTREAM)
-  builder = HhRlhf(config=subset, data_dir=data_dir, file_format="array_record",
-                   skip_malformed=skip_malformed, keep_ties=keep_ties)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(source_dir) if source_dir else None))
+  make = lambda: HhRlhf(config=subset, data_dir=data_dir, file_format="array_record",
+                        skip_malformed=skip_malformed, keep_ties=keep_ties)
+  with locations.preparing(os.fspath(make().data_dir)):
+    builder = make()  # made again once the lock is held: what another process prepared meanwhile is read
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.fspath(source_dir) if source_dir else None))
   if split not in builder.info.splits:
     raise FileNotFoundError(f"hh-rlhf {subset}/{split} was not built (source: {source_dir}); "
                             f"available: {sorted(builder.info.splits)}")
