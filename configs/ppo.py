@@ -29,8 +29,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data.prompts_path = ""  # JSONL of {"prompt": ...}; "" = first Human turns of the hh-rlhf data
   c.policy_from = ""
   c.pm_dir = ""
-  c.algorithm = "ppo"  # "ppo" (value model + GAE) | "rloo" | "grpo" (critic-free: groups of
-  #                      ppo.samples_per_prompt samples per prompt, rlhf_jax.objectives.critic_free)
+  c.algorithm = "ppo"  # "ppo" (value model + GAE) | "rloo" | "grpo" | "dr_grpo" | "gspo" | "dapo"
+  #                      (critic-free: groups of ppo.samples_per_prompt samples per prompt,
+  #                      rlhf_jax.objectives.critic_free)
   c.value_from = "pm"  # "pm": a separate value network initialised from the PM; "shared": the
   #                      policy's trunk with its scalar head as the value head
   c.kl = ml_collections.ConfigDict({
@@ -46,6 +47,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "epochs": 2 if tiny else 4,
       "gamma": 1.0, "lam": 0.95,
       "clip_eps": 0.2, "value_clip_eps": 0.2,
+      "clip_eps_high": 0.0,  # the ratio's upper clip; 0: clip_eps (DAPO's clip-higher: 0.28)
+      "overlong_buffer": 0,  # DAPO's overlong penalty: -1 .. 0 over the last this many tokens; 0: off
       "vf_coef": 0.5, "entropy_coef": 0.0,
       "whiten_advantages": True,
   })

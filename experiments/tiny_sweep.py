@@ -52,10 +52,18 @@ def get_config() -> ml_collections.ConfigDict:
   # settings with 4 samples of each of 8 prompts per iteration (the same 32 sequences as PPO)
   # and no value model, for 30 iterations instead of 40 (make run's time); DPO trains on the
   # proxy PM's comparisons, one run per beta.
-  c.methods = ("ppo", "rloo", "grpo", "dpo")
+  # Dr. GRPO, GSPO and DAPO with their papers' clipping: GSPO clips the sequence's geometric-mean
+  # ratio to [1 - 3e-4, 1 + 4e-4], DAPO raises the upper clip to 0.28 and penalises the last
+  # 4 of the 16 response tokens (its overlong buffer).
+  c.methods = ("ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo", "dpo")
   critic_free = {"ppo": {"samples_per_prompt": 4}, "train": {"steps": 30, "checkpoint_every": 10}}
   c.rloo = ml_collections.ConfigDict(critic_free)
   c.grpo = ml_collections.ConfigDict(critic_free)
+  c.dr_grpo = ml_collections.ConfigDict(critic_free)
+  c.gspo = ml_collections.ConfigDict({**critic_free, "ppo": {"samples_per_prompt": 4, "clip_eps": 3e-4,
+                                                             "clip_eps_high": 4e-4}})
+  c.dapo = ml_collections.ConfigDict({**critic_free, "ppo": {"samples_per_prompt": 4, "clip_eps_high": 0.28,
+                                                             "overlong_buffer": 4}})
   c.dpo = ml_collections.ConfigDict({
       "betas": (0.1, 0.5),
       "loss": "dpo",  # or "ipo"

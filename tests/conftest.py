@@ -56,6 +56,9 @@ def micro_sweep_config(**changes):
           "sampling": {"prompt_len": 24, "max_new_tokens": 8},
           "eval": {"num_prompts": 8}}
   c.bon = {"ns": (1, 2, 4), "num_prompts": 8, "seed": 0}
+  # Dr. GRPO, GSPO and DAPO are left to the tiny sweep (make run): each would add a stage's
+  # compilation to every micro sweep; tests/test_train_ppo.py runs them through train_ppo.
+  c.methods = ("ppo", "rloo", "grpo", "dpo")
   c.rloo = c.grpo = {"ppo": {"samples_per_prompt": 4}}  # 4 prompts x 4 samples
   c.dpo = {"betas": (0.1,), "loss": "dpo", "optimizer": {"learning_rate": 1e-3},
            "train": {**short(4), "eval_every": 2, "log_every": 1}}

@@ -52,6 +52,10 @@ def test_the_shipped_configs_pass(tmp_path):
   config_checks.validate(pm_config.get_config("tiny"), "pm")
   config_checks.validate(_ppo(tmp_path), "ppo")
   config_checks.validate(_rloo(tmp_path / "rloo"), "ppo")
+  for algorithm in ("dr_grpo", "gspo", "dapo"):
+    c = _rloo(tmp_path / algorithm)
+    c.algorithm, c.ppo.clip_eps_high, c.ppo.overlong_buffer = algorithm, 0.28, 4
+    config_checks.validate(c, "ppo")
   config_checks.validate(_dpo(tmp_path / "dpo"), "dpo")
 
 
@@ -72,6 +76,9 @@ def test_the_shipped_configs_pass(tmp_path):
     ("rloo", "ppo.samples_per_prompt", 0), ("dpo", "dpo.beta", 0.0), ("dpo", "dpo.beta", float("nan")),
     ("dpo", "dpo.loss", "kto"), ("dpo", "train.seq_len", 4096), ("dpo", "sampling.max_new_tokens", 0),
     ("dpo", "train.batch_size", 0),
+    ("rloo", "ppo.clip_eps_high", 0.1),  # DAPO's upper epsilon below the lower 0.2
+    ("rloo", "ppo.clip_eps_high", -0.3), ("ppo", "ppo.clip_eps", 0.0),
+    ("rloo", "ppo.overlong_buffer", -1), ("rloo", "ppo.overlong_buffer", 17),  # beyond max_new_tokens = 16
 ])
 def test_each_impossible_setting_is_named(kind, field, value, tmp_path):
   makers = {"lm": lambda _: lm_config.get_config("tiny"), "pm": lambda _: pm_config.get_config("tiny"),

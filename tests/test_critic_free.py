@@ -138,5 +138,8 @@ def test_rloo_is_scaled_centred_return_for_equal_groups(k):
   np.testing.assert_allclose(got, k / (k - 1) * (r - means[group]), rtol=RTOL, atol=ATOL)
 
 
-def test_registry_names_both_estimators():
-  assert critic_free.ADVANTAGES == {"rloo": critic_free.rloo_advantages, "grpo": critic_free.grpo_advantages}
+def test_registry_names_every_estimator():
+  # GSPO and DAPO take GRPO's group-normalised advantages; they differ in their losses.
+  assert critic_free.ADVANTAGES == {"rloo": critic_free.rloo_advantages, "grpo": critic_free.grpo_advantages,
+                                    "dr_grpo": critic_free.dr_grpo_advantages, "gspo": critic_free.grpo_advantages,
+                                    "dapo": critic_free.grpo_advantages}

@@ -1,11 +1,11 @@
 """Every policy-optimisation method learns a one-step bandit: reward 1 when the sampled response
 contains MARKER, 0 otherwise, from a tiny random-init policy.
 
-PPO, RLOO and GRPO run on the library's own pieces (generate, kl_penalized_rewards, the per-method
-advantages of ppo_steps, the clipped surrogate), differing only in PPOHyper.algorithm; DPO trains
-on pairs sampled from the initial policy, chosen = a response with the marker. Compilation is the
-dominant cost: one jitted rollout and one jitted update serve all three RL methods (advantages
-are computed outside them, eagerly), and one jitted DPO step.
+PPO, RLOO, GRPO, Dr. GRPO, GSPO and DAPO run on the library's own pieces (generate,
+kl_penalized_rewards, the per-method advantages and policy losses of ppo_steps), differing only in
+PPOHyper; DPO trains on pairs sampled from the initial policy, chosen = a response with the marker.
+Compilation is the dominant cost: one jitted rollout serves every method (advantages are computed
+outside, eagerly), one jitted update each method's loss, and one jitted DPO step.
 """
 import dataclasses
 import functools
@@ -20,9 +20,9 @@ import pytest
 from rlhf_jax.model.config import PRESETS
 from rlhf_jax.model.sampling import generate
 from rlhf_jax.model.transformer import Transformer, init_params
-from rlhf_jax.objectives import ppo
+from rlhf_jax.objectives import critic_free, ppo
 from rlhf_jax.trainers import dpo_steps
-from rlhf_jax.trainers.ppo_steps import PPOHyper, _advantages
+from rlhf_jax.trainers.ppo_steps import PPOHyper, _advantages, _policy_loss
 from rlhf_jax.training.train_state import TrainState
 
 PAD, EOS, MARKER = 0, 1, 5
@@ -37,12 +37,18 @@ ITERS = 8
 MIN_GAIN = 0.2  # absolute rise in P(marker in response); the measured rises are ~0.8
 
 
+# Each method with its paper's clipping: GSPO clips a sequence's (geometric-mean) ratio far tighter,
+# DAPO raises the upper clip.
+CLIPS = {"gspo": (3e-4, 4e-4), "dapo": (CLIP_EPS, 0.28)}
+
+
 def _hyper(algorithm):
   # GAE with zero values, gamma = lam = 1: each token's advantage is the return to go, whitened
-  # over the batch (REINFORCE with a batch baseline); RLOO / GRPO replace it by the group's.
-  return PPOHyper(gamma=1.0, lam=1.0, clip_eps=CLIP_EPS, value_clip_eps=0.2, vf_coef=0.0, entropy_coef=0.0,
+  # over the batch (REINFORCE with a batch baseline); the critic-free methods replace it by the group's.
+  low, high = CLIPS.get(algorithm, (CLIP_EPS, 0.0))
+  return PPOHyper(gamma=1.0, lam=1.0, clip_eps=low, value_clip_eps=0.2, vf_coef=0.0, entropy_coef=0.0,
                   epochs=EPOCHS, num_minibatches=1, whiten_advantages=True, algorithm=algorithm,
-                  samples_per_prompt=GROUP)
+                  samples_per_prompt=GROUP, clip_eps_high=high)
 
 
 def _prompt_batch():
@@ -73,19 +79,19 @@ def _rollout(params, ref_params, rng):
           "old_logp": logp, "rewards": rewards, "score": score}
 
 
-def _surrogate(params, rollout, advantages):
+def _surrogate(params, rollout, advantages, hyper):
   logp = _response_logp(params, rollout["tokens"], rollout["mask"], rollout["response"], rollout["response_mask"])
-  return ppo.policy_loss(logp, rollout["old_logp"], advantages, rollout["response_mask"], CLIP_EPS)[0]
+  return _policy_loss(logp, {**rollout, "advantages": advantages}, hyper)[0]
 
 
 TX = optax.adam(LR)
 
 
-@jax.jit
-def _update(params, opt_state, rollout, advantages):
+@functools.partial(jax.jit, static_argnames="hyper")
+def _update(params, opt_state, rollout, advantages, hyper):
   def epoch(carry, _):  # full batch each epoch: the surrogate's clipping bounds the later ones
     params, opt_state = carry
-    grads = jax.grad(_surrogate)(params, rollout, advantages)
+    grads = jax.grad(_surrogate)(params, rollout, advantages, hyper)
     updates, opt_state = TX.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
@@ -106,7 +112,7 @@ def initial():
   return params, _marker_rate(params, params)
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo"])
 def test_rl_methods_learn_the_marker(initial, algorithm):
   ref, before = initial
   hyper = _hyper(algorithm)
@@ -117,11 +123,15 @@ def test_rl_methods_learn_the_marker(initial, algorithm):
     values = jnp.zeros_like(rollout["rewards"])  # unused by RLOO / GRPO: no critic
     advantages, _ = _advantages(rollout["rewards"], values, rollout["response_mask"], hyper)
     assert np.all(np.asarray(advantages)[~np.asarray(rollout["response_mask"])] == 0.0)
-    params, opt_state = _update(params, opt_state, rollout, advantages)
+    if algorithm == "dapo":  # dynamic sampling, as ppo_steps.score_rollout does it
+      live = critic_free.live_groups(rollout["score"], jnp.arange(BATCH) // GROUP, BATCH // GROUP)
+      rollout = {**rollout, "loss_mask": rollout["response_mask"] & live[:, None]}
+    params, opt_state = _update(params, opt_state, rollout, advantages, hyper)
     rewards.append(float(rollout["score"].mean()))
   after = _marker_rate(params, ref)
   print(f"{algorithm}: {before:.3f} -> {after:.3f}; training rewards {np.round(rewards, 2)}")
-  # Measured: 0.125 -> 0.97 (ppo), 0.96 (rloo), 0.93 (grpo); with the advantages' sign flipped,
+  # Measured: 0.125 -> 0.97 (ppo), 0.96 (rloo), 0.93 (grpo), 0.96 (dr_grpo), 0.93 (gspo), 0.97
+  # (dapo); with the advantages' sign flipped,
   # -> 0.01. The 256-sample rates have std errors <= 0.03, so the 0.2 bar is far outside the noise.
   assert after > before + MIN_GAIN
   assert np.mean(rewards[-3:]) > before + MIN_GAIN / 2  # also during training, not only after

@@ -16,6 +16,8 @@ from rlhf_jax.experiments import stage_configs, stages, sweep
 from rlhf_jax.model.config import param_counts
 from rlhf_jax.training import metrics
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _results(workdir):
   with open(os.path.join(workdir, sweep.RESULTS_FILE)) as f:
@@ -38,6 +40,26 @@ def test_plan_runs_every_stage_in_dependency_order(tmp_path):
   no_sft = micro_sweep_config(**two)
   no_sft.sft.objective = ""
   assert [s.name for s in sweep.plan(no_sft, str(tmp_path))] == [n for n in names if not n.startswith("sft_")]
+
+
+def test_tiny_sweep_runs_the_grpo_variants_with_their_papers_settings(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny_sweep", os.path.join(ROOT, "experiments", "tiny_sweep.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c, w = module.get_config(), str(tmp_path)
+  names = [s.name for s in sweep.plan(c, w)]
+  for method in ("ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo"):
+    assert f"{method}_s" in names and f"{method}_m" in names
+  settings = {m: stage_configs.ppo_config(c, w, "s", m) for m in ("grpo", "dr_grpo", "gspo", "dapo")}
+  assert {m: r.algorithm for m, r in settings.items()} == {m: m for m in settings}
+  assert (settings["gspo"].ppo.clip_eps, settings["gspo"].ppo.clip_eps_high) == (3e-4, 4e-4)
+  assert (settings["dapo"].ppo.clip_eps, settings["dapo"].ppo.clip_eps_high, settings["dapo"].ppo.overlong_buffer) == (
+      0.2, 0.28, 4)
+  for r in settings.values():  # the same rollouts and iterations as GRPO's otherwise
+    assert (r.ppo.samples_per_prompt, r.ppo.rollout_batch, r.train.steps) == (4, 32, 30)
+    assert r.kl.to_dict() == settings["grpo"].kl.to_dict() and r.eval.to_dict() == settings["grpo"].eval.to_dict()
+  assert (settings["grpo"].ppo.clip_eps_high, settings["grpo"].ppo.overlong_buffer) == (0.0, 0)
 
 
 def test_stage_configs_wire_the_pipeline(tmp_path):

@@ -120,14 +120,21 @@ def test_prompt_file_is_split_into_disjoint_train_and_held_out_prompts(tmp_path)
   assert train == [t for t in texts if t in train]  # file order kept
 
 
-def test_critic_free_run_trains_the_policy_alone_on_groups_of_samples(runs, tmp_path):
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo"])
+def test_critic_free_run_trains_the_policy_alone_on_groups_of_samples(runs, tmp_path, algorithm):
   config = _ppo_config(runs, 2)
-  config.algorithm, config.ppo.samples_per_prompt = "grpo", 4  # 2 prompts x 4 samples per iteration
-  train_ppo.train(config, str(tmp_path / "grpo"))
-  start, *rows = read_metrics(str(tmp_path / "grpo"))
+  config.algorithm, config.ppo.samples_per_prompt = algorithm, 4  # 2 prompts x 4 samples per iteration
+  if algorithm == "dapo":  # clip-higher, and a penalty on all but the first response token
+    config.ppo.clip_eps_high, config.ppo.overlong_buffer = 0.28, config.sampling.max_new_tokens - 1
+  train_ppo.train(config, str(tmp_path / algorithm))
+  start, *rows = read_metrics(str(tmp_path / algorithm))
   assert start["eval_kl"] == 0.0 and [r["step"] for r in rows] == [1, 2]
   assert "value_loss" not in rows[0] and np.isfinite(rows[0]["policy_loss"])
-  state = _raw_state(tmp_path / "grpo", 2)
+  if algorithm == "dapo":
+    assert all(0 <= r["live_fraction"] <= 1 for r in rows)
+    # Responses of >= 2 tokens are penalised: -1/(N-1) per token beyond the first, down to -1.
+    assert all(-1 <= r["overlong_penalty"] < 0 for r in rows), [r["overlong_penalty"] for r in rows]
+  state = _raw_state(tmp_path / algorithm, 2)
   assert set(state["params"]) == {"policy"}  # no value model, whatever value_from says
   assert int(state["data_position"]) == 2 * 2  # prompts consumed: rollout_batch / samples_per_prompt
   assert rows[-1]["eval_kl"] != 0.0  # the updates moved the policy away from the initial one

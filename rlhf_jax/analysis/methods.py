@@ -1,6 +1,7 @@
 """Which optimiser buys the most gold reward per nat of KL: every method of a sweep on one frontier.
 
-For each size, gold reward against sqrt(KL) for PPO, RLOO, GRPO, DPO (one trajectory per beta)
+For each size, gold reward against sqrt(KL) for PPO, the critic-free methods (RLOO, GRPO, Dr. GRPO,
+GSPO, DAPO), DPO (one trajectory per beta)
 and best-of-N on one panel, and a table of the gold reward at a few KL budgets k: at the size's
 "common KL" (the largest KL every method of that size reached, where all can be compared) and at
 fixed budgets. The value at k is read off the measured points (averaged over seeds), sorted by
@@ -22,6 +23,7 @@ from rlhf_jax.analysis import tables as scaling_tables
 
 KL_BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0)  # nats; a column is kept if some method reached it
 _STYLE = {"ppo": ("tab:blue", "o", "-"), "rloo": ("tab:green", "^", "-"), "grpo": ("tab:red", "v", "-"),
+          "dr_grpo": ("tab:orange", "<", "-"), "gspo": ("tab:brown", ">", "-"), "dapo": ("tab:olive", "P", "-"),
           "dpo": ("tab:purple", "D", "-"), "bon": ("tab:grey", "s", "--")}
 
 

@@ -12,7 +12,7 @@ import numpy as np
 RESULTS_FILE = "results.jsonl"
 
 
-METHODS = ("ppo", "rloo", "grpo", "dpo", "bon")
+METHODS = ("ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo", "dpo", "bon")
 
 
 LEGACY_METHODS = {"rl": "ppo"}  # results.jsonl written before RLOO / GRPO / DPO existed

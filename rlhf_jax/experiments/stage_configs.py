@@ -15,7 +15,8 @@ from rlhf_jax.model.config import ModelConfig, get_preset
 GOLD = "gold"
 
 
-RL_METHODS = ("ppo", "rloo", "grpo", "dpo")  # best-of-N ("bon") runs for every size as well
+# train_ppo's algorithms, then DPO; best-of-N ("bon") runs for every size as well.
+RL_METHODS = ("ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo", "dpo")
 
 
 def model_config(config, name: str) -> ModelConfig:
@@ -81,7 +82,8 @@ def methods(config) -> tuple[str, ...]:
 
 
 def ppo_config(config, workdir: str, name: str, algorithm: str = "ppo"):
-  """train_ppo's config for one size; algorithm "rloo" / "grpo" adds config[algorithm] over rl."""
+  """train_ppo's config for one size; a critic-free algorithm ("rloo", "grpo", ...) adds
+  config[algorithm] over rl."""
   from configs import ppo
   extra = (algorithm,) if algorithm != "ppo" and algorithm in config else ()
   c = _stage_config(ppo, config, workdir, name, "rl", *extra)

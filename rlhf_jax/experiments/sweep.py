@@ -13,8 +13,9 @@ Two setups (config.setup):
 - "halves" (Bai et al. 2022, section 4.3): proxy ("train") PMs on one half of the human
   comparisons, the gold-size "test" PM on the other half.
 
-RL methods (config.methods): "ppo" (Bai et al.: value model, GAE), "rloo" and "grpo" (critic-free,
-config.rloo / config.grpo override config.rl for them), all through rlhf_jax.trainers.train_ppo with the
+RL methods (config.methods): "ppo" (Bai et al.: value model, GAE), and the critic-free "rloo",
+"grpo", "dr_grpo", "gspo" and "dapo" (config.<method> overrides config.rl for each; the variants'
+formulas in rlhf_jax.objectives.critic_free), all through rlhf_jax.trainers.train_ppo with the
 same KL-penalised reward; "dpo" (rlhf_jax.trainers.train_dpo, one stage per beta in config.dpo.betas) on
 the comparisons the proxy PM is trained on. Every method is evaluated by the same function on the
 same held-out prompts (KL against the initial policy, proxy and gold PM), beside best-of-N.
@@ -29,7 +30,7 @@ Each size's initial policy is its pretrained LM, or, with config.sft.objective =
 from context-distilled models); PMs start from the pretrained LM.
 
 Stages (rlhf_jax.experiments.stages), each in its own subdirectory: [tokenizer], lm_<size>, [sft_<size>],
-pm_gold, [labels_<size>], pm_<size>, ppo_<size>, [rloo_<size>, grpo_<size>, dpo_<size>_beta<b>],
+pm_gold, [labels_<size>], pm_<size>, ppo_<size>, [<method>_<size> for each critic-free method, dpo_<size>_beta<b>],
 bon_<size>, [evals_<size>: rlhf_jax.evals.stage].
 A finished stage is skipped on a rerun and an interrupted one resumes from its last checkpoint, so
 a killed sweep is resumed by running the same command again; a stage that runs again (deleted by

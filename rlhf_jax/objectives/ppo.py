@@ -13,6 +13,8 @@ Monte-Carlo estimator, unbiased for KL(pi || pi_0) because the responses are sam
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -77,15 +79,24 @@ def gae_advantages(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma
 
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
-                clip_eps: float) -> tuple[jax.Array, dict]:
+                clip_eps: float, clip_eps_high: Optional[float] = None,
+                normaliser: Optional[float] = None) -> tuple[jax.Array, dict]:
   """Clipped surrogate (Schulman et al. 2017): mean over tokens of
-  max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
+  max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)), eps_high = eps unless given (DAPO's
+  clip-higher). The mean is over the minibatch's real tokens, every token weighing alike (DAPO's
+  token-level average); a `normaliser` instead divides their sum by that constant (Dr. GRPO:
+  sequences x the response budget, so a sequence's weight does not fall with its length)."""
   # Masked before the exp: junk log-probs at padding must not overflow into inf * 0 = NaN.
   log_ratio = jnp.where(mask, logp - old_logp, 0.0)
   ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
-  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+  high = clip_eps if clip_eps_high is None else clip_eps_high
+  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
+  surrogate = jnp.maximum(unclipped, clipped)
+  if normaliser is None:
+    loss = masked_mean(surrogate, mask)
+  else:
+    loss = jnp.where(mask, surrogate, 0.0).sum() / normaliser
   metrics = {
       "policy_loss": loss,
       "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),

@@ -21,7 +21,8 @@ TRAIN_COUNTS = ("steps", "batch_size", "log_every", "eval_every", "checkpoint_ev
 PPO_COUNTS = ("rollout_batch", "num_minibatches", "epochs")
 SAMPLING_COUNTS = ("prompt_len", "max_new_tokens")
 OBJECTIVES = ("pretrain", "sft", "distill")
-ALGORITHMS = ("ppo", "rloo", "grpo")  # rlhf_jax.trainers.ppo_steps.ALGORITHMS (not imported: no jax here)
+# rlhf_jax.trainers.ppo_steps.ALGORITHMS (not imported: no jax here)
+ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo")
 
 
 def _positive(section, key: str, where: str) -> None:
@@ -108,6 +109,7 @@ def validate(config, kind: str) -> None:
                       f"must be at least 2")
   if c.rollout_batch % k:
     raise ConfigError(f"ppo.rollout_batch={c.rollout_batch} must be divisible by ppo.samples_per_prompt={k}")
+  _check_clip_and_overlong(c, config.sampling)
   if config.value_from not in ("pm", "shared"):
     raise ConfigError(f"value_from={config.value_from!r}: expected 'pm' or 'shared'")
   _check_ppo_runs(config)
@@ -126,6 +128,20 @@ def _check_dpo(config) -> None:
   if config.train.seq_len > policy.max_seq_len:
     raise ConfigError(f"train.seq_len={config.train.seq_len} is beyond the max_seq_len={policy.max_seq_len} "
                       f"of policy_from={config.policy_from}")
+
+
+def _check_clip_and_overlong(c, sampling) -> None:
+  high, buffer = c.get("clip_eps_high", 0.0), c.get("overlong_buffer", 0)
+  if not c.clip_eps > 0:
+    raise ConfigError(f"ppo.clip_eps={c.clip_eps} must be positive")
+  if high < 0:
+    raise ConfigError(f"ppo.clip_eps_high={high} must be positive (0 = the same as clip_eps)")
+  if high and high < c.clip_eps:
+    raise ConfigError(f"ppo.clip_eps_high={high} is below ppo.clip_eps={c.clip_eps}: clip-higher (DAPO) "
+                      f"widens the upper clip only (0 = the same as clip_eps)")
+  if not 0 <= buffer <= sampling.max_new_tokens:
+    raise ConfigError(f"ppo.overlong_buffer={buffer} must be in [0, sampling.max_new_tokens="
+                      f"{sampling.max_new_tokens}] (0 = no overlong penalty)")
 
 
 def _check_ppo_runs(config) -> None:

@@ -6,9 +6,12 @@ The PM scores [prompt | response | EOC] read at the EOC token it was trained wit
 
 Trainable params are {"policy": ..., "value": ...}; with a shared trunk "value" is absent and
 the policy's own scalar head is the value head. The critic-free algorithms (hyper.algorithm
-"rloo" / "grpo", rlhf_jax.objectives.critic_free) differ only in their advantages (one per sequence, from the
-group of samples of its prompt) and in having no value loss; sampling, scoring, the KL-penalised
-reward, the clipped surrogate and the minibatch loop are the same code for every algorithm.
+"rloo", "grpo", "dr_grpo", "gspo", "dapo"; rlhf_jax.objectives.critic_free) differ in their
+advantages (one per sequence, from the group of samples of its prompt), have no value loss, and
+differ among themselves only where their papers do: Dr. GRPO's loss normaliser, GSPO's sequence
+ratio, DAPO's dynamic sampling. Sampling, scoring, the KL-penalised reward, the clipped surrogate
+and the minibatch loop are the same code for every algorithm; clip-higher (clip_eps_high) and the
+overlong penalty (overlong_buffer) are options of all of them.
 """
 from __future__ import annotations
 
@@ -42,8 +45,10 @@ class PPOHyper(NamedTuple):
   epochs: int
   num_minibatches: int
   whiten_advantages: bool  # PPO's GAE advantages only; RLOO's and GRPO's are used as they are
-  algorithm: str = "ppo"  # "ppo" | "rloo" | "grpo"
+  algorithm: str = "ppo"  # "ppo" | one of critic_free.ADVANTAGES
   samples_per_prompt: int = 1  # rollout rows i*k .. i*k+k-1 share one prompt (the groups)
+  clip_eps_high: float = 0.0  # the ratio's upper clip (DAPO's clip-higher); 0: clip_eps
+  overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last this many tokens; 0: none
 
 
 ALGORITHMS = ("ppo",) + tuple(critic_free.ADVANTAGES)
@@ -99,15 +104,25 @@ def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score
   values = jnp.where(gen.mask, values, 0.0)
   raw = pm_score(models.pm, pm_params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask, eoc_id)
   score = (raw - score_mean) / score_std
+  extra = {}
+  if hyper.overlong_buffer:
+    penalty = critic_free.overlong_penalty(gen.mask.sum(axis=1), gen.mask.shape[1], hyper.overlong_buffer)
+    score, extra["overlong_penalty"] = score + penalty, penalty.mean()
   rewards = ppo.kl_penalized_rewards(logp, ref_logp, score, gen.mask, kl_coef)
   advantages, returns = _advantages(rewards, values, gen.mask, hyper)
   kl = ppo.sequence_kl(logp, ref_logp, gen.mask)
   metrics = {"pm_reward_raw": raw.mean(), "pm_reward": score.mean(), "kl": kl.mean(),
              "sqrt_kl": jnp.sqrt(jnp.maximum(kl.mean(), 0.0)), "entropy": ppo.entropy(logits, gen.mask),
              "response_length": gen.mask.sum(axis=1).mean(), "kl_coef": jnp.asarray(kl_coef, jnp.float32),
-             "total_reward": (rewards * gen.mask).sum(axis=1).mean()}
+             "total_reward": (rewards * gen.mask).sum(axis=1).mean(), **extra}
   rollout = {"tokens": tokens, "mask": mask, "response": gen.tokens, "response_mask": gen.mask,
              "old_logp": logp, "old_values": values, "advantages": advantages, "returns": returns}
+  if hyper.algorithm == "dapo":  # dynamic sampling: groups of equal rewards leave the loss
+    batch = score.shape[0]
+    live = critic_free.live_groups(score, jnp.arange(batch) // hyper.samples_per_prompt,
+                                   batch // hyper.samples_per_prompt)
+    rollout["loss_mask"] = gen.mask & live[:, None]
+    metrics["live_fraction"] = live.mean()
   return rollout, metrics
 
 
@@ -123,6 +138,17 @@ def _advantages(rewards, values, mask, hyper: PPOHyper) -> tuple[jax.Array, jax.
   return jnp.where(mask, seq_adv[:, None], 0.0), jnp.zeros_like(rewards)
 
 
+def _policy_loss(logp, mb: dict[str, jax.Array], hyper: PPOHyper) -> tuple[jax.Array, dict]:
+  high = hyper.clip_eps_high or hyper.clip_eps
+  mask = mb.get("loss_mask", mb["response_mask"])
+  if hyper.algorithm == "gspo":  # a sequence's advantage sits on each of its tokens; token 0 is real if any is
+    return critic_free.sequence_policy_loss(logp, mb["old_logp"], mb["advantages"][:, 0], mask, hyper.clip_eps, high)
+  # Dr. GRPO: the minibatch's token sum over sequences x the response budget, a constant.
+  normaliser = mask.shape[0] * mask.shape[1] if hyper.algorithm == "dr_grpo" else None
+  return ppo.policy_loss(logp, mb["old_logp"], mb["advantages"], mask, hyper.clip_eps,
+                         None if high == hyper.clip_eps else high, normaliser)
+
+
 def ppo_loss(params, mb: dict[str, jax.Array], *, models: Models, hyper: PPOHyper, prompt_len: int):
   logits, values = _response_outputs(models.policy, params["policy"], mb["tokens"], mb["mask"],
                                      prompt_len, True)
@@ -130,7 +156,7 @@ def ppo_loss(params, mb: dict[str, jax.Array], *, models: Models, hyper: PPOHype
     _, values = _response_outputs(models.value, params["value"], mb["tokens"], mb["mask"], prompt_len, False)
   m = mb["response_mask"]
   logp = _token_logp(logits, mb["response"])
-  pg, pg_metrics = ppo.policy_loss(logp, mb["old_logp"], mb["advantages"], m, hyper.clip_eps)
+  pg, pg_metrics = _policy_loss(logp, mb, hyper)
   ent = ppo.entropy(logits, m)
   loss = pg - hyper.entropy_coef * ent
   if hyper.algorithm != "ppo":  # no critic: the policy's scalar head is left untrained

@@ -45,7 +45,8 @@ def _hyper(config) -> PPOHyper:
   return PPOHyper(gamma=c.gamma, lam=c.lam, clip_eps=c.clip_eps, value_clip_eps=c.value_clip_eps,
                   vf_coef=c.vf_coef, entropy_coef=c.entropy_coef, epochs=c.epochs,
                   num_minibatches=c.num_minibatches, whiten_advantages=c.whiten_advantages,
-                  algorithm=config.get("algorithm", "ppo"), samples_per_prompt=c.get("samples_per_prompt", 1))
+                  algorithm=config.get("algorithm", "ppo"), samples_per_prompt=c.get("samples_per_prompt", 1),
+                  clip_eps_high=c.get("clip_eps_high", 0.0), overlong_buffer=c.get("overlong_buffer", 0))
 
 
 class Trainables(NamedTuple):
