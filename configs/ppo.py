@@ -49,6 +49,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "clip_eps": 0.2, "value_clip_eps": 0.2,
       "clip_eps_high": 0.0,  # the ratio's upper clip; 0: clip_eps (DAPO's clip-higher: 0.28)
       "overlong_buffer": 0,  # DAPO's overlong penalty: -1 .. 0 over the last this many tokens; 0: off
+      # Truncated importance sampling of the sampler's tokens: weights min(p_learner / p_sampler,
+      # tis_cap) on the surrogate (any algorithm; Yao et al. 2025 use a cap of 2).
+      "tis": False, "tis_cap": 2.0,
       "vf_coef": 0.5, "entropy_coef": 0.0,
       "whiten_advantages": True,
   })

@@ -79,6 +79,7 @@ def test_the_shipped_configs_pass(tmp_path):
     ("rloo", "ppo.clip_eps_high", 0.1),  # DAPO's upper epsilon below the lower 0.2
     ("rloo", "ppo.clip_eps_high", -0.3), ("ppo", "ppo.clip_eps", 0.0),
     ("rloo", "ppo.overlong_buffer", -1), ("rloo", "ppo.overlong_buffer", 17),  # beyond max_new_tokens = 16
+    ("ppo", "ppo.tis_cap", 0.0), ("rloo", "ppo.tis_cap", -2.0),
 ])
 def test_each_impossible_setting_is_named(kind, field, value, tmp_path):
   makers = {"lm": lambda _: lm_config.get_config("tiny"), "pm": lambda _: pm_config.get_config("tiny"),

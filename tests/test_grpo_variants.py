@@ -1,6 +1,7 @@
 """Dr. GRPO, GSPO and DAPO against float64 numpy written from their papers' formulas: advantages
 on ragged shuffled groups, DAPO's dynamic sampling and overlong penalty, the clip-higher and
-constant-normaliser token loss, GSPO's sequence-level loss, and the dispatch of ppo_steps."""
+constant-normaliser token loss, GSPO's sequence-level loss, truncated importance sampling, and
+the dispatch of ppo_steps."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,3 +128,34 @@ def test_the_losses_are_jittable_with_the_hyper_static():
     eager = _policy_loss(jnp.asarray(logp), mb, _hyper(algorithm))[0]
     jitted = jax.jit(lambda lp, m, a=algorithm: _policy_loss(lp, m, _hyper(a))[0])(jnp.asarray(logp), mb)
     np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6, atol=1e-7)
+
+
+def test_truncated_importance_weights_and_the_weighted_losses():
+  logp, old, adv, mask, seq_adv = _token_case(4)
+  sampler = (logp + np.random.default_rng(9).normal(0, 0.6, logp.shape)).astype(np.float32)  # another program
+  cap = 1.5
+  got = np.asarray(ppo.tis_weights(jnp.asarray(logp), jnp.asarray(sampler), jnp.asarray(mask), cap))
+  want = np.where(mask, np.minimum(np.exp(logp.astype(np.float64) - sampler), cap), 0.0)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert 0 < (want[mask] == cap).mean() < 1
+  loss, _ = ppo.policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), 0.2,
+                            weights=jnp.asarray(got))
+  ratio = np.exp((logp - old).astype(np.float64))
+  terms = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2)) * want
+  np.testing.assert_allclose(float(loss), terms[mask].mean(), rtol=RTOL, atol=ATOL)
+  # The weights are constants of the update: the gradient is the weighted one, not d(weight).
+  grad = jax.grad(lambda lp: ppo.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), 0.2,
+                                             weights=ppo.tis_weights(lp, jnp.asarray(sampler), jnp.asarray(mask),
+                                                                     cap))[0])(jnp.asarray(logp))
+  # Where the unclipped term is the max, d/dlogp (-A r) = -A r; where the clipped one is, 0.
+  unclipped = -adv * ratio >= -adv * np.clip(ratio, 0.8, 1.2)
+  want_grad = np.where(mask & unclipped, -adv * ratio * want, 0.0) / mask.sum()
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-6)
+  seq_w = np.array([0.5, 1.0, 2.0, 1.0] * 4, np.float32)
+  got_seq, _ = critic_free.sequence_policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(seq_adv),
+                                                jnp.asarray(mask), 0.05, 0.08, jnp.asarray(seq_w))
+  rows = mask.any(axis=1)
+  s = np.exp(np.where(mask, logp - old, 0.0).astype(np.float64).sum(axis=1)[rows] / mask.sum(axis=1)[rows])
+  a = seq_adv[rows].astype(np.float64)
+  np.testing.assert_allclose(float(got_seq), (np.maximum(-a * s, -a * np.clip(s, 0.95, 1.08)) * seq_w[rows]).mean(),
+                             rtol=RTOL, atol=ATOL)

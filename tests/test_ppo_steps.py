@@ -322,6 +322,42 @@ def test_score_rollout_log_probs_are_the_samplers(setup):
   m = np.asarray(gen.mask)
   np.testing.assert_allclose(np.asarray(rollout["old_logp"])[m], np.asarray(gen.log_probs)[m],
                              rtol=1e-4, atol=1e-5)
+  # ... and the logged gap between the two programs is that float rounding.
+  _, metrics = setup.score(state.params, setup.ref, {}, gen, state.extra["kl_coef"], *setup.norm)
+  gap = np.abs(np.asarray(rollout["old_logp"], np.float64) - np.asarray(gen.log_probs, np.float64))[m]
+  np.testing.assert_allclose(float(metrics["sampler_logp_gap_max"]), gap.max(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(metrics["sampler_logp_gap_mean"]), gap.mean(), rtol=1e-4, atol=1e-7)
+  assert float(metrics["sampler_logp_gap_max"]) < 1e-4
+
+
+def test_a_sampler_that_differs_is_measured_and_its_tokens_reweighted(setup):
+  """A sampler at temperature 2 draws from another distribution than the learner's, by
+  construction: the gap is logged, and with TIS every token's surrogate is weighted by
+  min(p_learner / p_sampler, cap)."""
+  state = setup.fresh()
+  batch = setup.prompts.batch_at(0)
+  hot = functools.partial(generate, model=setup.models.policy, max_new_tokens=NEW_TOKENS, eos_id=EOS, pad_id=PAD,
+                          temperature=2.0)
+  gen = hot(state.params["policy"], batch["tokens"], batch["attention_mask"], setup.commit(jax.random.PRNGKey(7)))
+  cap = 1.5
+  tis = HYPER._replace(tis_cap=cap)
+  score = jax.jit(functools.partial(score_rollout, models=setup.models, hyper=tis, eoc_id=EOC))
+  rollout, metrics = score(state.params, setup.ref, {}, gen, state.extra["kl_coef"], *setup.norm)
+  m = np.asarray(gen.mask)
+  learner, sampler = np.asarray(rollout["old_logp"], np.float64), np.asarray(gen.log_probs, np.float64)
+  want = np.where(m, np.minimum(np.exp(learner - sampler), cap), 0.0)
+  np.testing.assert_allclose(np.asarray(rollout["tis_weight"]), want, rtol=1e-5, atol=1e-6)
+  assert 0 < (want[m] >= cap).mean() < 1, "the case must hold truncated and untruncated weights"
+  np.testing.assert_allclose(float(metrics["sampler_logp_gap_mean"]), np.abs(learner - sampler)[m].mean(), rtol=1e-4)
+  assert float(metrics["sampler_logp_gap_mean"]) > 0.1  # temperature 2 flattens a peaked distribution
+  # The update's surrogate: each token's clipped term times its (constant) weight.
+  _, base = ppo_loss(state.params, {**rollout, "tis_weight": jnp.ones_like(rollout["tis_weight"])},
+                     models=setup.models, hyper=tis, prompt_len=PROMPT_LEN)
+  _, weighted = ppo_loss(state.params, rollout, models=setup.models, hyper=tis, prompt_len=PROMPT_LEN)
+  adv = np.asarray(rollout["advantages"], np.float64)
+  # At the rollout's own params every ratio is 1: the surrogate is -A per token, masked mean.
+  np.testing.assert_allclose(float(base["policy_loss"]), -adv[m].mean(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(weighted["policy_loss"]), -(want * adv)[m].mean(), rtol=1e-4, atol=1e-6)
 
 
 # The continuous metrics of ppo_loss, compared after the update (grad_norm, which would need

@@ -41,6 +41,7 @@ STALE_DIR = "stale_stages"  # <workdir>/stale_stages/<stage>-<time>: invalidated
 # old behaviour: a finished stage whose record lacks one is not stale while it keeps that value.
 ADDED_WITH_NEUTRAL_DEFAULT = {"train.grad_accum": 1, "algorithm": "ppo", "ppo.samples_per_prompt": 1,
                               "ppo.clip_eps_high": 0.0, "ppo.overlong_buffer": 0,  # clip-higher, DAPO's penalty
+                              "ppo.tis": False, "ppo.tis_cap": 2.0,  # truncated importance sampling
                               # model variants for imported checkpoints (rlhf_jax.hf): Llama's
                               "model.mlp_activation": "silu", "model.scale_embeddings": False,
                               "model.norm_offset": 0.0, "model.qkv_bias": False, "model.qk_norm": False,

@@ -71,11 +71,13 @@ def overlong_penalty(lengths: jax.Array, max_len: int, buffer: int) -> jax.Array
 
 
 def sequence_policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
-                         clip_low: float, clip_high: float) -> tuple[jax.Array, dict]:
+                         clip_low: float, clip_high: float,
+                         weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """GSPO (Zheng et al. 2025): one importance ratio per sequence, the geometric mean of its
   tokens' ratios s_i = exp(mean_t (log pi - log pi_old)), clipped to [1 - clip_low, 1 + clip_high];
   loss = mean over sequences of max(-A_i s_i, -A_i clip(s_i)). advantages: [batch] (one per
-  sequence). Sequences without tokens are left out."""
+  sequence). Sequences without tokens are left out. `weights` [batch]: a truncated importance
+  weight per sequence (its tokens' geometric mean, as the ratio)."""
   has_tokens = mask.any(axis=1)
   length = jnp.maximum(mask.sum(axis=1), 1)
   log_ratio = jnp.where(mask, logp - old_logp, 0.0).sum(axis=1) / length
@@ -84,7 +86,10 @@ def sequence_policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.A
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
   weight = has_tokens.astype(jnp.float32)
   mean = lambda x: (x * weight).sum() / jnp.maximum(weight.sum(), 1.0)
-  loss = mean(jnp.maximum(unclipped, clipped))
+  surrogate = jnp.maximum(unclipped, clipped)
+  if weights is not None:
+    surrogate = surrogate * jax.lax.stop_gradient(weights)
+  loss = mean(surrogate)
   return loss, {"policy_loss": loss, "clip_fraction": mean((clipped > unclipped).astype(jnp.float32)),
                 "approx_kl": mean((ratio - 1.0) - log_ratio)}
 

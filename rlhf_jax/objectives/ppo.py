@@ -80,12 +80,13 @@ def gae_advantages(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                 clip_eps: float, clip_eps_high: Optional[float] = None,
-                normaliser: Optional[float] = None) -> tuple[jax.Array, dict]:
+                normaliser: Optional[float] = None, weights: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
   """Clipped surrogate (Schulman et al. 2017): mean over tokens of
   max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)), eps_high = eps unless given (DAPO's
   clip-higher). The mean is over the minibatch's real tokens, every token weighing alike (DAPO's
   token-level average); a `normaliser` instead divides their sum by that constant (Dr. GRPO:
-  sequences x the response budget, so a sequence's weight does not fall with its length)."""
+  sequences x the response budget, so a sequence's weight does not fall with its length).
+  `weights` [batch, T] multiply each token's term (truncated importance sampling, see tis_weights)."""
   # Masked before the exp: junk log-probs at padding must not overflow into inf * 0 = NaN.
   log_ratio = jnp.where(mask, logp - old_logp, 0.0)
   ratio = jnp.exp(log_ratio)
@@ -93,6 +94,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
   high = clip_eps if clip_eps_high is None else clip_eps_high
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
   surrogate = jnp.maximum(unclipped, clipped)
+  if weights is not None:
+    surrogate = surrogate * jax.lax.stop_gradient(weights)
   if normaliser is None:
     loss = masked_mean(surrogate, mask)
   else:
@@ -104,6 +107,16 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
       "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
   }
   return loss, metrics
+
+
+def tis_weights(learner_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array, cap: float) -> jax.Array:
+  """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings
+  you off-policy RL training"): min(p_learner / p_sampler, cap) per token [batch, T], 0 at padding.
+  The sampler (another program: a KV-cache decode, another precision or temperature) drew the
+  tokens; the learner's log-probs of the same tokens are what the surrogate's ratio starts from,
+  so this weight makes its gradient the learner's on-policy one again, its variance bounded by cap."""
+  log_w = jnp.where(mask, learner_logp - sampler_logp, 0.0)
+  return jnp.where(mask, jnp.minimum(jnp.exp(log_w), cap), 0.0)
 
 
 def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,

@@ -139,6 +139,8 @@ def _check_clip_and_overlong(c, sampling) -> None:
   if high and high < c.clip_eps:
     raise ConfigError(f"ppo.clip_eps_high={high} is below ppo.clip_eps={c.clip_eps}: clip-higher (DAPO) "
                       f"widens the upper clip only (0 = the same as clip_eps)")
+  if not c.get("tis_cap", 1.0) > 0:
+    raise ConfigError(f"ppo.tis_cap={c.tis_cap} must be positive: the largest importance weight kept")
   if not 0 <= buffer <= sampling.max_new_tokens:
     raise ConfigError(f"ppo.overlong_buffer={buffer} must be in [0, sampling.max_new_tokens="
                       f"{sampling.max_new_tokens}] (0 = no overlong penalty)")

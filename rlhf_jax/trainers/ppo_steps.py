@@ -49,6 +49,7 @@ class PPOHyper(NamedTuple):
   samples_per_prompt: int = 1  # rollout rows i*k .. i*k+k-1 share one prompt (the groups)
   clip_eps_high: float = 0.0  # the ratio's upper clip (DAPO's clip-higher); 0: clip_eps
   overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last this many tokens; 0: none
+  tis_cap: float = 0.0  # truncated importance sampling of the sampler's tokens, weights <= this; 0: off
 
 
 ALGORITHMS = ("ppo",) + tuple(critic_free.ADVANTAGES)
@@ -117,6 +118,7 @@ def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score
              "total_reward": (rewards * gen.mask).sum(axis=1).mean(), **extra}
   rollout = {"tokens": tokens, "mask": mask, "response": gen.tokens, "response_mask": gen.mask,
              "old_logp": logp, "old_values": values, "advantages": advantages, "returns": returns}
+  metrics.update(_sampler_gap(logp, gen, hyper, rollout))
   if hyper.algorithm == "dapo":  # dynamic sampling: groups of equal rewards leave the loss
     batch = score.shape[0]
     live = critic_free.live_groups(score, jnp.arange(batch) // hyper.samples_per_prompt,
@@ -124,6 +126,24 @@ def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score
     rollout["loss_mask"] = gen.mask & live[:, None]
     metrics["live_fraction"] = live.mean()
   return rollout, metrics
+
+
+def _sampler_gap(logp, gen, hyper: PPOHyper, rollout: dict) -> dict:
+  """|log p_sampler - log p_learner| over response tokens: the sampler (a KV-cache decode, maybe
+  at another temperature) and the learner's forward are different programs. With hyper.tis_cap,
+  adds the truncated importance weights to the rollout (per token; per sequence for GSPO)."""
+  gap = jnp.where(gen.mask, jnp.abs(gen.log_probs - logp), 0.0)
+  out = {"sampler_logp_gap_mean": ppo.masked_mean(gap, gen.mask), "sampler_logp_gap_max": gap.max()}
+  if hyper.tis_cap:
+    if hyper.algorithm == "gspo":  # the geometric mean of its tokens' weights, as GSPO's ratio
+      log_w = jnp.where(gen.mask, logp - gen.log_probs, 0.0).sum(axis=1) / jnp.maximum(gen.mask.sum(axis=1), 1)
+      weight, real = jnp.minimum(jnp.exp(log_w), hyper.tis_cap), gen.mask.any(axis=1)
+    else:
+      weight, real = ppo.tis_weights(logp, gen.log_probs, gen.mask, hyper.tis_cap), gen.mask
+    rollout["tis_weight"] = weight
+    out["tis_weight_mean"] = ppo.masked_mean(weight, real)
+    out["tis_truncated_fraction"] = ppo.masked_mean((weight >= hyper.tis_cap).astype(jnp.float32), real)
+  return out
 
 
 def _advantages(rewards, values, mask, hyper: PPOHyper) -> tuple[jax.Array, jax.Array]:
@@ -141,12 +161,14 @@ def _advantages(rewards, values, mask, hyper: PPOHyper) -> tuple[jax.Array, jax.
 def _policy_loss(logp, mb: dict[str, jax.Array], hyper: PPOHyper) -> tuple[jax.Array, dict]:
   high = hyper.clip_eps_high or hyper.clip_eps
   mask = mb.get("loss_mask", mb["response_mask"])
+  weights = mb.get("tis_weight")
   if hyper.algorithm == "gspo":  # a sequence's advantage sits on each of its tokens; token 0 is real if any is
-    return critic_free.sequence_policy_loss(logp, mb["old_logp"], mb["advantages"][:, 0], mask, hyper.clip_eps, high)
+    return critic_free.sequence_policy_loss(logp, mb["old_logp"], mb["advantages"][:, 0], mask, hyper.clip_eps, high,
+                                            weights)
   # Dr. GRPO: the minibatch's token sum over sequences x the response budget, a constant.
   normaliser = mask.shape[0] * mask.shape[1] if hyper.algorithm == "dr_grpo" else None
   return ppo.policy_loss(logp, mb["old_logp"], mb["advantages"], mask, hyper.clip_eps,
-                         None if high == hyper.clip_eps else high, normaliser)
+                         None if high == hyper.clip_eps else high, normaliser, weights)
 
 
 def ppo_loss(params, mb: dict[str, jax.Array], *, models: Models, hyper: PPOHyper, prompt_len: int):

@@ -46,7 +46,8 @@ def _hyper(config) -> PPOHyper:
                   vf_coef=c.vf_coef, entropy_coef=c.entropy_coef, epochs=c.epochs,
                   num_minibatches=c.num_minibatches, whiten_advantages=c.whiten_advantages,
                   algorithm=config.get("algorithm", "ppo"), samples_per_prompt=c.get("samples_per_prompt", 1),
-                  clip_eps_high=c.get("clip_eps_high", 0.0), overlong_buffer=c.get("overlong_buffer", 0))
+                  clip_eps_high=c.get("clip_eps_high", 0.0), overlong_buffer=c.get("overlong_buffer", 0),
+                  tis_cap=c.tis_cap if c.get("tis", False) else 0.0)
 
 
 class Trainables(NamedTuple):
