@@ -7,7 +7,7 @@ Winogender from $RLHF_JAX_DATA_DIR/evals/, or `bbq.path` / `winogender.path`).
 """
 import ml_collections
 
-SUITES = "bias_cloze,winogender,bbq,ood,mc"
+SUITES = "bias_cloze,winogender,bbq,ood,mc"  # "harness" too, with harness.tasks
 
 
 def evals_section() -> ml_collections.ConfigDict:
@@ -26,6 +26,9 @@ def evals_section() -> ml_collections.ConfigDict:
               "out_path": "",  # "" = first Human turns of the hh-rlhf harmless-base test split
               "max_prompts": 240, "layer": -1, "train_fraction": 0.5, "ks": (0, 1, 10, 100)},
       "mc": {"tasks": ()},  # generic JSONL task files; () = the bundled demo task
+      # lm-evaluation-harness tasks (suite "harness", rlhf_jax.evals.harness): the harness's own
+      # names, or those of YAML files in include_path; limit 0 = every example
+      "harness": {"tasks": "", "include_path": "", "limit": 0, "num_fewshot": 0},
   })
 
 

@@ -94,9 +94,9 @@ def test_scores_equal_one_forward_pass_per_choice(tmp_path):
       i += 1
     refs.append(np.array(ref))
   assert i == len(got) and buckets >= {8, 16, 32}
-  nbytes = [np.array([len(c.encode()) for c in ex["choices"]]) for ex in examples]
+  nchars = [np.array([len(c) for c in ex["choices"]]) for ex in examples]
   acc = np.mean([np.argmax(r) == ex["label"] for r, ex in zip(refs, examples)])
-  acc_norm = np.mean([np.argmax(r / b) == ex["label"] for r, b, ex in zip(refs, nbytes, examples)])
+  acc_norm = np.mean([np.argmax(r / b) == ex["label"] for r, b, ex in zip(refs, nchars, examples)])
   assert (result["acc"], result["acc_norm"], result["n"]) == (pytest.approx(acc), pytest.approx(acc_norm), 7)
 
 
@@ -104,16 +104,17 @@ def test_scores_equal_one_forward_pass_per_choice(tmp_path):
 
 def test_acc_and_acc_norm_disagree_as_planted():
   examples = [
-      # a long right answer: lower total (acc wrong), higher per byte (-9/27 > -6/3: acc_norm right)
+      # a long right answer: lower total (acc wrong), higher per character (-9/27 > -6/3: acc_norm right)
       {"context": "Q1", "choices": [" a much longer right answer", " no"], "label": 0},
       {"context": "Q2", "choices": [" no", " the right answer, at length"], "label": 1},
       # right both ways; the leading space counts (-3/3 > -9/8, though -3/2 < -9/7)
       {"context": "Q3", "choices": [" ab", " abcdefg"], "label": 0},
-      # a short right answer: higher total (acc right), lower per byte (-1/2 < -3.8/19: acc_norm wrong)
+      # a short right answer: higher total (acc right), lower per character (-1/2 < -3.8/19: acc_norm wrong)
       {"context": "Q4", "choices": [" a", " bbbbbbbbbbbbbbbbbb"], "label": 0},
       # a tie goes to the first choice, which is wrong here both ways
       {"context": "Q5", "choices": [" x", " y"], "label": 1},
-      # per UTF-8 byte, not per character: -4.2/7 > -3.5/5 (acc_norm wrong); per character -4.2/4 < -3.5/5
+      # per character (the harness's), not per UTF-8 byte: -4.2/4 < -3.5/5 (acc_norm right); per
+      # byte -4.2/7 > -3.5/5 would make it wrong
       {"context": "Q6", "choices": [" \u00e9\u00e9\u00e9", " abcd"], "label": 1},
       {"context": "Q7", "choices": [" the long right answer", " no"], "label": 0},
   ]
@@ -122,8 +123,8 @@ def test_acc_and_acc_norm_disagree_as_planted():
   scorer = _PlantedScorer(planted)
   r = mc.evaluate(scorer, CharTok(), examples, name="hand")
   assert scorer.calls == [14]
-  assert r == {"name": "hand", "acc": 3 / 7, "acc_ci": mc.wilson(3, 7), "acc_norm": 4 / 7,
-               "acc_norm_ci": mc.wilson(4, 7), "n": 7}
+  assert r == {"name": "hand", "acc": 3 / 7, "acc_ci": mc.wilson(3, 7), "acc_norm": 5 / 7,
+               "acc_norm_ci": mc.wilson(5, 7), "n": 7}
   assert json.loads(json.dumps(r)) == r  # JSON-able as it stands
 
 

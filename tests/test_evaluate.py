@@ -46,10 +46,34 @@ def test_load_policy_reads_lm_runs_and_ppo_snapshots(micro_sweep_dir):
     load_policy(ppo, mesh, step=3)
 
 
+HARNESS_TASK = """task: mc_sample_harness
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {path}}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+"""
+
+
+def _harness_tasks(directory) -> str:
+  """A harness task (local YAML) over the bundled MC sample, the mc suite's default task."""
+  os.makedirs(directory, exist_ok=True)
+  sample = os.path.join(ROOT, "rlhf_jax", "evals", "data", "mc_sample.jsonl")
+  with open(os.path.join(directory, "mc_sample_harness.yaml"), "w") as f:
+    f.write(HARNESS_TASK.format(path=os.path.abspath(sample)))
+  return str(directory)
+
+
 def test_evaluate_writes_json_markdown_and_plots(micro_sweep_dir, tmp_path):
   from rlhf_jax.evals.evaluate import evaluate
-  out = evaluate(_config(policy_dir=os.path.join(micro_sweep_dir, "ppo_xs"), suites="bias_cloze,mc",
-                         out_dir=str(tmp_path)))
+  c = _config(policy_dir=os.path.join(micro_sweep_dir, "ppo_xs"), suites="bias_cloze,mc,harness",
+              out_dir=str(tmp_path))
+  c.harness.tasks, c.harness.include_path = "mc_sample_harness", _harness_tasks(tmp_path / "tasks")
+  out = evaluate(c)
   with open(tmp_path / "evals.json") as f:
     written = json.load(f)
   assert written["step"] == 4 and set(written) >= {"bias_cloze", "mc"}
@@ -60,6 +84,20 @@ def test_evaluate_writes_json_markdown_and_plots(micro_sweep_dir, tmp_path):
     assert f"| {metric} | {value:.3f}" in table
   assert (tmp_path / "bias_cloze_policy.png").stat().st_size > 1000
   assert out["results"]["mc"]["acc"] == written["mc"]["acc"]
+  # lm-evaluation-harness on the same task through the same model: the mc suite's numbers.
+  harness = written["harness"]["mc_sample_harness"]
+  assert harness["acc,none"] == pytest.approx(written["mc"]["acc"], abs=1e-12)
+  assert harness["acc_norm,none"] == pytest.approx(written["mc"]["acc_norm"], abs=1e-12)
+
+
+def test_unknown_harness_task_is_one_line_and_exit_2(micro_sweep_dir, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "rlhf_jax", "evaluate", "--config=configs/evaluate.py",
+                         f"--config.policy_dir={os.path.join(micro_sweep_dir, 'ppo_xs')}", "--config.suites=harness",
+                         "--config.harness.tasks=no_such_task", f"--config.out_dir={tmp_path}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "no_such_task" in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_evaluate_elo_needs_a_judge_and_rates_policies(micro_sweep_dir, tmp_path):

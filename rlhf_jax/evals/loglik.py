@@ -64,6 +64,7 @@ class Scorer:
     self._logprobs = shd.under_mesh(jax.jit(functools.partial(_logprobs, Transformer(cfg)),
                                             out_shardings=out), self.mesh)
     self._activations = {}
+    self._greedy = None  # compiled on first use (lm-evaluation-harness's is_greedy)
 
   @classmethod
   def from_run(cls, run_dir: str, mesh: Optional[Mesh] = None, **kwargs) -> "Scorer":
@@ -116,6 +117,22 @@ class Scorer:
         out[i] = logp[row, fitted[i][1] - 1:len(seqs[i]) - 1]
     return out
 
+  def continuation_scores(self, requests: Sequence[Request], desc: str = "scoring") -> list[tuple[np.ndarray, np.ndarray]]:
+    """(log-probs, is-argmax) of each continuation token, per request: continuation_logprobs
+    with whether each token was the model's most likely one (another program, compiled once)."""
+    if self._greedy is None:
+      self._greedy = shd.under_mesh(jax.jit(functools.partial(_logprobs_and_greedy, Transformer(self.cfg)),
+                                            out_shardings=shd.replicated(self.mesh)), self.mesh)
+    fitted = [self._fit(r, i) for i, r in enumerate(requests)]
+    seqs = [s for s, _ in fitted]
+    out: list = [None] * len(seqs)
+    for idx, tokens, mask in self._batches(seqs, desc):
+      logp, greedy = (shd.to_host(x) for x in self._greedy(self.params, tokens, mask))
+      for row, i in enumerate(idx):
+        span = slice(fitted[i][1] - 1, len(seqs[i]) - 1)
+        out[i] = (logp[row, span].astype(np.float64), greedy[row, span])
+    return out
+
   def continuation_sums(self, requests: Sequence[Request], desc: str = "scoring") -> np.ndarray:
     """Sum of the continuation's token log-probs per request -> [n] float64."""
     return np.array([lp.sum() for lp in self.continuation_logprobs(requests, desc)], np.float64)
@@ -143,6 +160,12 @@ class Scorer:
 def _logprobs(model: Transformer, params, tokens, mask):
   out = model.apply({"params": params}, tokens, attention_mask=mask)
   return token_log_probs(out.logits, tokens)  # [batch, seq - 1]
+
+
+def _logprobs_and_greedy(model: Transformer, params, tokens, mask):
+  logits = model.apply({"params": params}, tokens, attention_mask=mask).logits
+  greedy = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
+  return token_log_probs(logits, tokens), greedy
 
 
 def _first_layers(params, k: int, scanned: bool):

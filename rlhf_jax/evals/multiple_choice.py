@@ -6,9 +6,10 @@ A task is JSONL (plain or gzip), one example per line: {"context": str, "choices
 "label": int} (an "id" may ride along). Each choice is scored as the continuation of the context,
 so a choice carries its own leading space (" blue"), the harness's target delimiter.
 - acc: the choice with the highest sum of token log-probs is the label.
-- acc_norm: the same with each sum divided by the UTF-8 byte length of the choice's text. (The
-  harness divides by the character count of the choice without its delimiter space: for ASCII
-  text, this length minus one.)
+- acc_norm: the same with each sum divided by the choice's length in characters, its leading
+  space included: lm-evaluation-harness's count of the choice as its task gives it (a task whose
+  choices carry their space and whose target_delimiter is "", as rlhf_jax.evals.harness's tests
+  run this format; harness tasks that add the space as the delimiter count one character less).
 - Ties go to the first choice (numpy's argmax). Intervals: Wilson 95% (`<metric>_ci`).
 
 Converters write that format from the published files (`python -m rlhf_jax convert_mc
@@ -104,19 +105,19 @@ def wilson(k: int, n: int) -> list[float]:
   return list(wilson_interval(k, n))
 
 
-def mc_metrics(choice_logprob_sums: list[np.ndarray], choice_byte_lengths: list[np.ndarray], labels) -> dict:
+def mc_metrics(choice_logprob_sums: list[np.ndarray], choice_lengths: list[np.ndarray], labels) -> dict:
   """acc and acc_norm (see the module docstring) with Wilson intervals; one array per example."""
   labels = [int(y) for y in labels]
-  if not labels or not len(choice_logprob_sums) == len(choice_byte_lengths) == len(labels):
-    raise ValueError(f"mc_metrics: {len(choice_logprob_sums)} score arrays, {len(choice_byte_lengths)} "
+  if not labels or not len(choice_logprob_sums) == len(choice_lengths) == len(labels):
+    raise ValueError(f"mc_metrics: {len(choice_logprob_sums)} score arrays, {len(choice_lengths)} "
                      f"length arrays and {len(labels)} labels (need equal, non-zero counts)")
   acc = norm = 0
-  for sums, nbytes, label in zip(choice_logprob_sums, choice_byte_lengths, labels):
-    sums, nbytes = np.asarray(sums, np.float64), np.asarray(nbytes, np.float64)
-    if sums.shape != nbytes.shape or not 0 <= label < len(sums) or np.any(nbytes <= 0):
+  for sums, lengths, label in zip(choice_logprob_sums, choice_lengths, labels):
+    sums, lengths = np.asarray(sums, np.float64), np.asarray(lengths, np.float64)
+    if sums.shape != lengths.shape or not 0 <= label < len(sums) or np.any(lengths <= 0):
       raise ValueError("mc_metrics: each example needs as many positive lengths as scores, and a label in range")
     acc += int(np.argmax(sums)) == label  # first of tied maxima
-    norm += int(np.argmax(sums / nbytes)) == label
+    norm += int(np.argmax(sums / lengths)) == label
   n = len(labels)
   return {"acc": acc / n, "acc_ci": wilson(acc, n), "acc_norm": norm / n, "acc_norm_ci": wilson(norm, n), "n": n}
 
@@ -133,8 +134,8 @@ def evaluate(scorer, tok, examples: list[dict], name: str = "task") -> dict:
     raise ValueError(f"{name}: the scorer returned {sums.shape} scores for {len(choices)} requests")
   bounds = np.cumsum([0] + [len(ex["choices"]) for ex in examples])
   grouped = [sums[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-  nbytes = [np.array([len(c.encode("utf-8")) for c in ex["choices"]], np.float64) for ex in examples]
-  return {"name": name, **mc_metrics(grouped, nbytes, [ex["label"] for ex in examples])}
+  lengths = [np.array([len(c) for c in ex["choices"]], np.float64) for ex in examples]  # characters
+  return {"name": name, **mc_metrics(grouped, lengths, [ex["label"] for ex in examples])}
 
 
 # --- converters from published formats -----------------------------------------------------------

@@ -14,7 +14,7 @@ from rlhf_jax.data import locations
 from rlhf_jax.data.dialogue import ASSISTANT, HUMAN
 from rlhf_jax.errors import ConfigError
 
-PER_MODEL = ("bias_cloze", "winogender", "bbq", "ood", "mc")
+PER_MODEL = ("bias_cloze", "winogender", "bbq", "ood", "mc", "harness")
 
 # The numbers the tables quote: suite -> metric keys (each with "<key>_ci" beside it).
 HEADLINE = {
@@ -108,7 +108,20 @@ def run_one(name: str, scorer, tok, cfg, out_dir: str, tag: str) -> dict:
       task = os.path.splitext(os.path.basename(path.removesuffix(".gz")))[0]
       tasks[task] = multiple_choice.evaluate(scorer, tok, multiple_choice.read_task(path), name=task)
     return _mean_over_tasks(tasks)
+  if name == "harness":
+    return _harness(scorer, tok, cfg)
   raise ConfigError(f"unknown suite {name!r}")
+
+
+def _harness(scorer, tok, cfg) -> dict:
+  from rlhf_jax.evals import harness
+  c = cfg.get("harness", {})
+  tasks = [t.strip() for t in str(c.get("tasks", "")).split(",") if t.strip()]
+  if not tasks:
+    raise ConfigError("suite harness: harness.tasks is empty; name lm-evaluation-harness tasks, e.g. "
+                      "--config.harness.tasks=arc_easy (or YAML files in harness.include_path)")
+  return harness.run_tasks(scorer, tok, tasks, include_path=c.get("include_path", ""), limit=c.get("limit", 0),
+                           num_fewshot=c.get("num_fewshot", 0), seed=cfg.seed)
 
 
 def _bbq_records(cfg, every: bool = False) -> list[dict]:

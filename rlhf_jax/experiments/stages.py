@@ -42,6 +42,9 @@ STALE_DIR = "stale_stages"  # <workdir>/stale_stages/<stage>-<time>: invalidated
 ADDED_WITH_NEUTRAL_DEFAULT = {"train.grad_accum": 1, "algorithm": "ppo", "ppo.samples_per_prompt": 1,
                               "ppo.clip_eps_high": 0.0, "ppo.overlong_buffer": 0,  # clip-higher, DAPO's penalty
                               "ppo.tis": False, "ppo.tis_cap": 2.0,  # truncated importance sampling
+                              # lm-evaluation-harness tasks in the evals stage (suite "harness")
+                              "harness.tasks": "", "harness.include_path": "", "harness.limit": 0,
+                              "harness.num_fewshot": 0,
                               # model variants for imported checkpoints (rlhf_jax.hf): Llama's
                               "model.mlp_activation": "silu", "model.scale_embeddings": False,
                               "model.norm_offset": 0.0, "model.qkv_bias": False, "model.qk_norm": False,
@@ -141,6 +144,8 @@ barrier = hosts.barrier  # other hosts read what process 0 just wrote
 
 
 def _differences(a, b, prefix: str = "") -> dict[str, tuple]:
+  if a is None and isinstance(b, dict) or b is None and isinstance(a, dict):  # a section added or dropped:
+    a, b = a or {}, b or {}  # compared key by key, so that each may have a neutral default
   if isinstance(a, dict) and isinstance(b, dict):
     out = {}
     for key in sorted(set(a) | set(b)):
