@@ -22,6 +22,8 @@ from rlhf_jax.evals.loglik import Scorer, encode_requests  # noqa: E402
 from rlhf_jax.model.sampling import generate  # noqa: E402
 from rlhf_jax.model.transformer import Transformer  # noqa: E402
 
+from eval_fakes import write_harness_task  # noqa: E402
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 SAMPLE = os.path.join(ROOT, "rlhf_jax", "evals", "data", "mc_sample.jsonl")
 ARC = [  # ARC's published layout: question.stem, choices [{label, text}], answerKey
@@ -36,25 +38,6 @@ ARC = [  # ARC's published layout: question.stem, choices [{label, text}], answe
                               "choices": [{"label": "1", "text": "a whale"}, {"label": "2", "text": "a shark"}]},
      "answerKey": "1"},
 ]
-# Our JSONL as a harness task: the choices carry their leading space, so no delimiter is added,
-# and acc_norm counts the choice as it stands (the space included), as the mc suite does.
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
   from rlhf_jax.data.tokenizer import train_tokenizer
@@ -73,12 +56,11 @@ def model(tmp_path_factory):
 
 def _tasks_dir(root) -> str:
   tasks = root / "tasks"
-  tasks.mkdir(exist_ok=True)
   arc_src = root / "arc.jsonl"
   arc_src.write_text("".join(json.dumps(a) + "\n" for a in ARC))
   mc.convert("arc", str(arc_src), str(root / "arc_converted.jsonl"))
   for name, path in (("rlhf_jax_mc_sample", SAMPLE), ("rlhf_jax_arc_converted", str(root / "arc_converted.jsonl"))):
-    (tasks / f"{name}.yaml").write_text(TASK_YAML.format(name=name, path=path))
+    write_harness_task(tasks, name, path)
   return str(tasks)
 
 

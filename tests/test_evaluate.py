@@ -11,6 +11,8 @@ import pytest
 from rlhf_jax.evals import suite
 from rlhf_jax.training import sharding as shd
 
+from eval_fakes import write_harness_task
+
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 
 
@@ -46,33 +48,13 @@ def test_load_policy_reads_lm_runs_and_ppo_snapshots(micro_sweep_dir):
     load_policy(ppo, mesh, step=3)
 
 
-HARNESS_TASK = """task: mc_sample_harness
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {path}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-target_delimiter: ""
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
-"""
-
-
-def _harness_tasks(directory) -> str:
-  """A harness task (local YAML) over the bundled MC sample, the mc suite's default task."""
-  os.makedirs(directory, exist_ok=True)
-  sample = os.path.join(ROOT, "rlhf_jax", "evals", "data", "mc_sample.jsonl")
-  with open(os.path.join(directory, "mc_sample_harness.yaml"), "w") as f:
-    f.write(HARNESS_TASK.format(path=os.path.abspath(sample)))
-  return str(directory)
-
-
 def test_evaluate_writes_json_markdown_and_plots(micro_sweep_dir, tmp_path):
   from rlhf_jax.evals.evaluate import evaluate
   c = _config(policy_dir=os.path.join(micro_sweep_dir, "ppo_xs"), suites="bias_cloze,mc,harness",
               out_dir=str(tmp_path))
-  c.harness.tasks, c.harness.include_path = "mc_sample_harness", _harness_tasks(tmp_path / "tasks")
+  sample = os.path.join(ROOT, "rlhf_jax", "evals", "data", "mc_sample.jsonl")  # the mc suite's default task
+  c.harness.tasks = "mc_sample_harness"
+  c.harness.include_path = write_harness_task(tmp_path / "tasks", "mc_sample_harness", sample)
   out = evaluate(c)
   with open(tmp_path / "evals.json") as f:
     written = json.load(f)

@@ -4,8 +4,9 @@
 (rlhf_jax.evals.loglik.Scorer: a few compiled programs for a whole task, on any mesh) and KV-cache
 sampler, so harness numbers for an LM, SFT, PPO or imported checkpoint compare with published ones.
 
-  python -m rlhf_jax.evaluate --config.policy_dir=RUN --config.suites=harness \\
-      --config.harness.tasks=arc_easy,hellaswag [--config.harness.include_path=DIR_OF_YAML]
+  python -m rlhf_jax evaluate --config=configs/evaluate.py --config.policy_dir=RUN \\
+      --config.suites=harness --config.harness.tasks=arc_easy,hellaswag \\
+      [--config.harness.include_path=DIR_OF_YAML]
 
 Conventions, the harness's, which our own `mc` suite (evals/multiple_choice.py) follows too:
 - a request is (context, continuation); the continuation carries the delimiter (" blue"), and

@@ -105,17 +105,22 @@ class Scorer:
 
   # --- scores -----------------------------------------------------------------------------------
 
-  def continuation_logprobs(self, requests: Sequence[Request], desc: str = "scoring") -> list[np.ndarray]:
-    """log p(continuation token | everything before it), one float64 array per request."""
+  def _per_continuation(self, program, requests: Sequence[Request], desc: str) -> list[tuple[np.ndarray, ...]]:
+    """program(params, tokens, mask) -> arrays [B, L-1] over the predicted positions; for each
+    request, those arrays at its continuation tokens (token t is predicted at position t - 1)."""
     fitted = [self._fit(r, i) for i, r in enumerate(requests)]
     seqs = [s for s, _ in fitted]
-    out: list[Optional[np.ndarray]] = [None] * len(seqs)
+    out: list = [None] * len(seqs)
     for idx, tokens, mask in self._batches(seqs, desc):
-      logp = shd.to_host(self._logprobs(self.params, tokens, mask)).astype(np.float64)  # [B, L-1]
+      arrays = [shd.to_host(x) for x in program(self.params, tokens, mask)]
       for row, i in enumerate(idx):
-        # token t is predicted at position t - 1
-        out[i] = logp[row, fitted[i][1] - 1:len(seqs[i]) - 1]
+        span = slice(fitted[i][1] - 1, len(seqs[i]) - 1)
+        out[i] = tuple(x[row, span] for x in arrays)
     return out
+
+  def continuation_logprobs(self, requests: Sequence[Request], desc: str = "scoring") -> list[np.ndarray]:
+    """log p(continuation token | everything before it), one float64 array per request."""
+    return [logp.astype(np.float64) for logp, in self._per_continuation(self._logprobs, requests, desc)]
 
   def continuation_scores(self, requests: Sequence[Request], desc: str = "scoring") -> list[tuple[np.ndarray, np.ndarray]]:
     """(log-probs, is-argmax) of each continuation token, per request: continuation_logprobs
@@ -123,15 +128,8 @@ class Scorer:
     if self._greedy is None:
       self._greedy = shd.under_mesh(jax.jit(functools.partial(_logprobs_and_greedy, Transformer(self.cfg)),
                                             out_shardings=shd.replicated(self.mesh)), self.mesh)
-    fitted = [self._fit(r, i) for i, r in enumerate(requests)]
-    seqs = [s for s, _ in fitted]
-    out: list = [None] * len(seqs)
-    for idx, tokens, mask in self._batches(seqs, desc):
-      logp, greedy = (shd.to_host(x) for x in self._greedy(self.params, tokens, mask))
-      for row, i in enumerate(idx):
-        span = slice(fitted[i][1] - 1, len(seqs[i]) - 1)
-        out[i] = (logp[row, span].astype(np.float64), greedy[row, span])
-    return out
+    return [(logp.astype(np.float64), greedy)
+            for logp, greedy in self._per_continuation(self._greedy, requests, desc)]
 
   def continuation_sums(self, requests: Sequence[Request], desc: str = "scoring") -> np.ndarray:
     """Sum of the continuation's token log-probs per request -> [n] float64."""
@@ -159,7 +157,7 @@ class Scorer:
 
 def _logprobs(model: Transformer, params, tokens, mask):
   out = model.apply({"params": params}, tokens, attention_mask=mask)
-  return token_log_probs(out.logits, tokens)  # [batch, seq - 1]
+  return (token_log_probs(out.logits, tokens),)  # [batch, seq - 1]
 
 
 def _logprobs_and_greedy(model: Transformer, params, tokens, mask):
