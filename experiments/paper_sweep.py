@@ -39,9 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
                                         "temperature": 1.0, "batch_size": 512, "seed": 0})
   c.rl = ml_collections.ConfigDict({"train": {"eval_every": 25}})
   c.bon = ml_collections.ConfigDict({"ns": (1, 2, 4, 8, 16, 32, 64, 128, 256), "num_prompts": 256, "seed": 0})
+  c.seeds = (0, 1, 2)  # proxy PM, RL, DPO and best-of-N per seed: 95% bootstrap intervals in every table
   # Every method on one frontier: RLOO / GRPO with the rl settings and 4 samples of each of 128
-  # prompts per iteration (PPO's 512 sequences), DPO on the proxy PMs' 50k gold-labelled pairs.
-  c.methods = ("ppo", "rloo", "grpo", "dpo")
+  # prompts per iteration (PPO's 512 sequences); DPO, IPO and SLiC on the proxy PMs' 50k
+  # gold-labelled pairs, evaluated every 100 steps (the direct-alignment humps).
+  c.methods = ("ppo", "rloo", "grpo", "dpo", "ipo", "slic")
   c.rloo = ml_collections.ConfigDict({"ppo": {"samples_per_prompt": 4}})
   c.grpo = ml_collections.ConfigDict({"ppo": {"samples_per_prompt": 4}})
   c.dpo = ml_collections.ConfigDict({"betas": (0.03, 0.1, 0.3), "loss": "dpo",

@@ -42,8 +42,9 @@ def test_table_compares_methods_at_the_kl_every_method_reached():
   table = mf.format_table(rows, scaling_fits.fit_all(rows), ks=(0.25, 2.0))
   lines = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in table.splitlines()[2:5]}
   # Common KL = 0.5 (best-of-N's largest); gold there: ppo 0.5, grpo 1.0, bon 0.5.
-  assert [lines[m][2:4] for m in ("ppo", "grpo", "bon")] == [["0.5", "0.5"], ["0.5", "1"], ["0.5", "0.5"]]
-  assert lines["ppo"][5] == "2" and lines["grpo"][5] == "-" and lines["bon"][5] == "-"  # KL = 2 reached by PPO only
+  assert [lines[m][2:5] for m in ("ppo", "grpo", "bon")] == [["1", "0.5", "0.5"], ["1", "0.5", "1"], ["1", "0.5", "0.5"]]
+  assert lines["ppo"][6] == "2" and lines["grpo"][6] == "-" and lines["bon"][6] == "-"  # KL = 2 reached by PPO only
+  assert "One seed per cell: no intervals" in table
   fig = mf.frontier_figure(rows)
   assert [line.get_label() for line in fig.axes[0].get_lines()] == ["ppo", "grpo", "bon"]
   assert np.allclose(fig.axes[0].get_lines()[1].get_xdata(), [0.0, 1.0])

@@ -57,6 +57,25 @@ def test_best_of_n_selects_the_pm_maximum():
   np.testing.assert_allclose(eight["sqrt_kl"], math.sqrt(analytic_kl(8)))
 
 
+def test_a_given_first_sample_is_each_prompts_sample_zero():
+  # Responses made of markers score 6 each (CountPM over 6 response tokens); the model's own
+  # 6-token samples over 16 token ids score about 6/16: best-of-1 is exactly the given samples'
+  # reward, and every n picks them, while drawn samples fill n = 2..8.
+  cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=16)
+  policy = SimpleNamespace(model=Transformer(cfg), params=nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0))))
+  pm = SimpleNamespace(model=CountPM(), params={}, normalisation={"mean": 0.0, "std": 1.0})
+  rng = np.random.default_rng(0)
+  prompts = {"tokens": jnp.asarray(rng.integers(8, 16, (24, 4)), jnp.int32), "attention_mask": jnp.ones((24, 4), bool)}
+  marked = jnp.full((24, 6), MARKER, jnp.int32)
+  first = SimpleNamespace(prompt_tokens=prompts["tokens"], prompt_mask=prompts["attention_mask"], tokens=marked,
+                          mask=jnp.ones((24, 6), bool))
+  one, eight = best_of_n(policy, pm, {}, prompts, [1, 8], jax.random.PRNGKey(1), max_new_tokens=6, temperature=1.0,
+                         eos_id=None, pad_id=0, eoc_id=3, first=first)
+  assert one["proxy_reward"] == 6.0 and eight["proxy_reward"] == 6.0
+  # The mean of 8 is the given sample and 7 drawn ones, each far below 6 (at most half markers here).
+  assert 6.0 / 8 < eight["proxy_reward_mean_of_n"] < 6.0 / 8 + 7 * 6.0 / 8 * 0.5
+
+
 def test_select_best_matches_a_brute_force_loop():
   rng = np.random.default_rng(3)
   proxy, gold = rng.normal(size=(7, 8)), rng.normal(size=(7, 8))

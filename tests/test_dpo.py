@@ -95,6 +95,23 @@ def test_dpo_and_ipo_losses_on_random_pairs(beta):
   assert abs(want - want_ipo.mean()) > 1.0
 
 
+@pytest.mark.parametrize("beta", [0.3, 0.7])  # h spreads over about +-8: both sides of 1 / beta
+def test_slic_hinge_on_random_pairs_and_no_gradient_past_the_margin(beta):
+  policy, ref = _random_logps(3)
+  h = _h64(policy, ref)
+  loss, _ = dpo.preference_loss(jnp.asarray(policy), jnp.asarray(ref), beta, "slic")
+  want = np.maximum(0.0, 1.0 - beta * h)
+  # The hinge's slope is beta or 0; plus the mean's own rounding.
+  np.testing.assert_allclose(float(loss), want.mean(), rtol=4 * EPS32 * len(h), atol=beta * _h_tolerance(policy, ref))
+  # d loss / d log pi(chosen) is -beta / n for a pair inside the margin (beta h < 1) and exactly 0 past it.
+  grad = jax.grad(lambda p: dpo.preference_loss(p, jnp.asarray(ref), beta, "slic")[0])(jnp.asarray(policy))
+  inside = beta * h < 1.0
+  clear = np.abs(beta * h - 1.0) > beta * _h_tolerance(policy, ref)  # margins whose side float32 decides
+  assert inside[clear].any() and (~inside[clear]).any()
+  np.testing.assert_allclose(np.asarray(grad[:, 0])[clear], np.where(inside, -beta / len(h), 0.0)[clear],
+                             rtol=1e-6, atol=0)
+
+
 def test_implicit_rewards_and_accuracy_metrics():
   beta = 0.3
   policy, ref = _random_logps(2)

@@ -45,7 +45,7 @@ def test_notebook_executes_on_a_results_dir(results_dir, micro_online_dir, tmp_p
   assert len(images) == 10
   assert any("text/markdown" in out.get("data", {}) and "| size | params |" in out["data"]["text/markdown"]
              for out in outputs)
-  assert any("text/markdown" in out.get("data", {}) and "| size | method | common KL | gold @ common KL |" in out["data"]["text/markdown"]
+  assert any("text/markdown" in out.get("data", {}) and "| size | method | seeds | common KL | gold @ common KL |" in out["data"]["text/markdown"]
              for out in outputs)
   assert any("text/markdown" in out.get("data", {}) and "| after - before |" in out["data"]["text/markdown"]
              for out in outputs)

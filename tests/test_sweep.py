@@ -42,6 +42,35 @@ def test_plan_runs_every_stage_in_dependency_order(tmp_path):
   assert [s.name for s in sweep.plan(no_sft, str(tmp_path))] == [n for n in names if not n.startswith("sft_")]
 
 
+def test_each_seed_reruns_only_the_stages_whose_randomness_matters(tmp_path):
+  c, w = micro_sweep_config(seeds=(0, 2)), str(tmp_path)
+  names = [s.name for s in sweep.plan(c, w)]
+  seeded = lambda s: [f"pm_xs{s}", f"ppo_xs{s}", f"rloo_xs{s}", f"grpo_xs{s}", f"dpo_xs_beta0.1{s}", f"bon_xs{s}"]
+  assert names == ["tokenizer", "lm_xs", "lm_gold", "sft_xs", "pm_gold", "labels_xs", *seeded(""), *seeded("_seed2"),
+                   "evals_xs"]
+  # Seed 0 is the sweep without seeds, stage for stage, so a sweep that adds seeds keeps its cache.
+  plain = {s.name: s.settings for s in sweep.plan(micro_sweep_config(), w)}
+  assert all(s.settings == plain[s.name] for s in sweep.plan(c, w) if s.name in plain)
+  # Seed 2: its own proxy PM (same labels), every seed of the trainers and best-of-N offset by 2.
+  pm, rl = stage_configs.pm_config(c, w, "xs", 2), stage_configs.ppo_config(c, w, "xs", "grpo", 2)
+  assert (pm.train.seed, pm.data.path) == (2, os.path.join(w, "labels_xs", "labels.jsonl"))
+  assert (rl.train.seed, rl.pm_dir, rl.eval.seed) == (2, os.path.join(w, "pm_xs_seed2"), 1234)  # same eval prompts
+  dpo = stage_configs.dpo_config(c, w, "xs", 0.1, 2)
+  assert (dpo.train.seed, dpo.pm_dir) == (2, rl.pm_dir)
+  bon = next(s for s in sweep.plan(c, w) if s.name == "bon_xs_seed2")
+  assert bon.settings["seed"] == 2 and "pm_xs_seed2" in bon.inputs
+  # The evaluations are of the first seed's PPO policy.
+  evals = next(s for s in sweep.plan(micro_sweep_config(seeds=(3, 1)), w) if s.name == "evals_xs")
+  assert "ppo_xs_seed3" in evals.inputs and evals.settings["seed"] == 3
+
+
+@pytest.mark.parametrize("seeds, message", [((0, 1, 0), "a seed is repeated"), ((), "non-empty list"),
+                                            ((0, -1), "non-negative integers"), ((0, 1.5), "non-negative integers")])
+def test_bad_seeds_are_one_line(tmp_path, seeds, message):
+  with pytest.raises(ValueError, match=message):
+    sweep.plan(micro_sweep_config(seeds=seeds), str(tmp_path))
+
+
 def test_tiny_sweep_runs_the_grpo_variants_with_their_papers_settings(tmp_path):
   import importlib.util
   spec = importlib.util.spec_from_file_location("tiny_sweep", os.path.join(ROOT, "experiments", "tiny_sweep.py"))
@@ -232,6 +261,83 @@ def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_
       np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-6, err_msg=f"{g['size']} {g['method']} {key}")
 
 
+def test_three_seeds_give_intervals_and_reuse_the_first_seeds_runs(micro_sweep_dir, tmp_path, capsys):
+  # The finished micro sweep, copied, rerun with seeds (0, 1, 2) and PPO: only seeds 1 and 2's
+  # proxy PM, PPO and best-of-N stages run.
+  workdir = str(tmp_path / "seeds")
+  shutil.copytree(micro_sweep_dir, workdir)
+  os.remove(os.path.join(workdir, sweep.RESULTS_FILE))
+  capsys.readouterr()
+  sweep.run_sweep(micro_sweep_config(seeds=(0, 1, 2), methods=("ppo",)), workdir)
+  out = capsys.readouterr().out
+  assert out.count("skipped") == 10, out  # tokenizer, 2 LMs, SFT, gold PM, labels, pm/ppo/bon seed 0, evals
+  rows, first = load_results(workdir), load_results(micro_sweep_dir)
+  assert [r for r in rows if r["seed"] == 0] == [r for r in first if r["method"] in ("ppo", "bon")]
+  ppo = {s: [r for r in rows if r["method"] == "ppo" and r["seed"] == s] for s in (0, 1, 2)}
+  assert [[r["step"] for r in ppo[s]] for s in (0, 1, 2)] == [[0, 2, 4]] * 3
+  # Step 0 is the same initial policy on the same prompts: the gold PM agrees exactly across seeds,
+  # while each seed's own proxy PM (another init and data order) scores it differently.
+  assert len({ppo[s][0]["gold_reward"] for s in ppo}) == 1
+  assert len({ppo[s][0]["proxy_reward"] for s in ppo}) == 3
+  with open(os.path.join(workdir, "pm_xs_seed2", "config.json")) as f:
+    assert json.load(f)["train"]["seed"] == 2
+  # fits.json: the mean of the seeds' own gold slopes (least squares here, in float64), and with
+  # three seeds the 95% bootstrap interval is their range. Best-of-N: its analytic KLs are
+  # distinct at any size (the micro PPO barely moves), and each seed draws its own samples.
+  bon = {s: [r for r in rows if r["method"] == "bon" and r["seed"] == s] for s in (0, 1, 2)}
+  slopes = [np.polyfit([r["sqrt_kl"] for r in bon[s]], [r["gold_reward"] for r in bon[s]], 1)[0] for s in bon]
+  assert len(set(slopes)) == 3
+  with open(os.path.join(workdir, "analysis", "fits.json")) as f:
+    fit = next(f for f in json.load(f) if f["method"] == "bon")
+  assert fit["seeds"] == 3
+  np.testing.assert_allclose([fit["gold_slope"], fit["gold_slope_lo"], fit["gold_slope_hi"]],
+                             [np.mean(slopes), min(slopes), max(slopes)], rtol=1e-9, atol=1e-12)
+  with open(os.path.join(workdir, "analysis", "differences.md")) as f:
+    assert "Means over 3 seeds" in f.read()
+  with open(os.path.join(workdir, "analysis", "scaling.md")) as f:
+    row = next(line for line in f if line.startswith(f"| xs | {fit['params']} | bon | "))
+  assert f"{fit['gold_slope']:.4g} [{fit['gold_slope_lo']:.4g}, {fit['gold_slope_hi']:.4g}]" in row, row
+  assert row.endswith(f"| 3 | {fit['n']} |  |\n"), row
+
+
+def test_direct_alignment_losses_are_methods_measured_along_training_with_the_monitors(micro_sweep_dir, tmp_path):
+  # The finished micro sweep, copied, rerun with IPO and SLiC too: only their stages run.
+  workdir = str(tmp_path / "direct")
+  shutil.copytree(micro_sweep_dir, workdir)
+  c = micro_sweep_config(methods=("ppo", "rloo", "grpo", "dpo", "ipo", "slic"))
+  names = [s.name for s in sweep.plan(c, workdir)]
+  assert names.index("dpo_xs_beta0.1") + 1 == names.index("ipo_xs_beta0.1") == names.index("slic_xs_beta0.1") - 1
+  sweep.run_sweep(c, workdir)
+  rows = load_results(workdir)
+  for method in ("dpo", "ipo", "slic"):
+    with open(os.path.join(workdir, f"{method}_xs_beta0.1", "config.json")) as f:
+      assert json.load(f)["dpo"]["loss"] == method
+    steps = [r["step"] for r in rows if r["method"] == method]
+    assert steps == [0, 2, 4] and all(r["beta"] == 0.1 for r in rows if r["method"] == method), steps
+  # Along training, every run's monitors come from its own metrics.jsonl, logged with each evaluation.
+  logged = {m["step"]: m for m in metrics.read_metrics(os.path.join(workdir, "slic_xs_beta0.1")) if "eval_kl" in m}
+  for r in (r for r in rows if r["method"] == "slic"):
+    assert (r["entropy"], r["response_length"]) == (logged[r["step"]]["eval_entropy"],
+                                                    logged[r["step"]]["eval_response_length"])
+    assert 0.0 < r["entropy"] <= math.log(512) * (1 + 1e-6)  # nats per token, at most log(vocab)
+  ppo_logged = {m["step"]: m for m in metrics.read_metrics(os.path.join(workdir, "ppo_xs"))}
+  ppo_rows = [r for r in rows if r["method"] == "ppo"]
+  assert "advantage_std" not in ppo_rows[0] and all(r["advantage_std"] > 0 for r in ppo_rows[1:])
+  for step, m in ppo_logged.items():
+    if "eval_kl" in m:
+      assert m["eval_gap_pm_gold"] == pytest.approx(m["eval_pm_reward"] - m["eval_pm_gold_reward"], abs=1e-6)
+    if step >= 2:  # KL's growth since the iteration before: that iteration logged its KL too
+      assert m["kl_growth"] == pytest.approx(m["kl"] - ppo_logged[step - 1]["kl"], abs=1e-6)
+  with open(os.path.join(workdir, "analysis", "monitors.json")) as f:
+    mon = {(m["method"], m.get("beta")): m for m in json.load(f)}
+  assert set(mon) == {("ppo", None), ("rloo", None), ("grpo", None), ("dpo", 0.1), ("ipo", 0.1), ("slic", 0.1)}
+  slic = [r for r in rows if r["method"] == "slic"]
+  best = max(range(3), key=lambda i: (slic[i]["gold_reward"], -i))
+  assert mon[("slic", 0.1)]["gold_peak_step"] == slic[best]["step"]
+  with open(os.path.join(workdir, "analysis", "scaling.md")) as f:
+    assert "## Reward-hacking monitors" in f.read()
+
+
 def test_every_stage_records_the_directory_it_ran_in(micro_sweep_dir):
   """Provenance: a stage's config.json names its own directory, not the base config's default
   workdir (runs/ppo_tiny and the like)."""
@@ -334,6 +440,11 @@ def test_every_method_is_measured_on_the_same_axes(micro_sweep_dir):
   start = {m: next((r["kl"], r["proxy_reward"], r["gold_reward"]) for r in rs if r["step"] == 0)
            for m, rs in by_method.items()}
   assert start["ppo"][0] == 0.0 and len(set(start.values())) == 1, start
+  # Best-of-1 scores those same samples (the evaluation's prompts and seed): one KL = 0 point.
+  # The same PM programs on the same tokens; only compilation may reorder a float32 sum.
+  bon1 = next(r for r in rows if r["method"] == "bon" and r["step"] == 1)
+  np.testing.assert_allclose([bon1["kl"], bon1["proxy_reward"], bon1["gold_reward"]], start["ppo"], rtol=1e-5,
+                             atol=1e-6)
   # The logged KL of the last point is the k1 sum over sampled tokens, whichever trainer logged it.
   for stage, method in (("rloo_xs", "rloo"), ("dpo_xs_beta0.1", "dpo")):
     logged = max(by_method[method], key=lambda r: r["step"])["kl"]

@@ -38,8 +38,19 @@ def _style_legend(ax, colours: dict[str, tuple[str, tuple]], styles: Sequence[tu
   ax.legend(handles=handles, fontsize="small")
 
 
+def band(ax, c: dict, field: str, colour, pick=None) -> None:
+  """The 95% interval over seeds of a mean_curves field around its curve (nothing with one seed)."""
+  if c["seeds"] < 2:
+    return
+  pick = np.ones(len(c["step"]), bool) if pick is None else pick
+  x, lo, hi = c["sqrt_kl"][pick], c[f"{field}_lo"][pick], c[f"{field}_hi"][pick]
+  order = np.argsort(x, kind="stable")
+  ax.fill_between(x[order], lo[order], hi[order], color=colour, alpha=0.15, linewidth=0)
+
+
 def reward_vs_sqrt_kl_figure(rows: Sequence[dict], fits: Sequence[dict]) -> Figure:
-  """Proxy | gold reward against sqrt(KL): PPO solid with markers, bon dashed, Gao fit dotted."""
+  """Proxy | gold reward against sqrt(KL): PPO solid with markers, bon dashed, Gao fit dotted; with
+  several seeds, means over seeds in a band of their 95% bootstrap interval."""
   rows, fits = _paper(rows), _paper(fits)
   fig = _figure(2)
   ax_proxy, ax_gold = fig.subplots(1, 2, sharex=True)
@@ -48,6 +59,8 @@ def reward_vs_sqrt_kl_figure(rows: Sequence[dict], fits: Sequence[dict]) -> Figu
     style = dict(linestyle="-", marker="o", markersize=3) if method == "ppo" else dict(linestyle="--")
     ax_proxy.plot(c["sqrt_kl"], c["proxy_reward"], color=colours[size][1], **style)
     ax_gold.plot(c["sqrt_kl"], c["gold_reward"], color=colours[size][1], **style)
+    band(ax_proxy, c, "proxy_reward", colours[size][1])
+    band(ax_gold, c, "gold_reward", colours[size][1])
   for fit in fits:
     d = np.linspace(0.0, fit["max_sqrt_kl"], 100)
     ax_gold.plot(d, gao_curve(fit, d), color=colours[fit["size"]][1], linestyle=":")

@@ -10,7 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from rlhf_jax.analysis.results import METHODS, _column, group_series
+from rlhf_jax.analysis.intervals import bootstrap_mean
+from rlhf_jax.analysis.results import METHODS, _column, by_seed, group_series
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,41 +97,70 @@ def fit_gao_rl(d, gain) -> GaoFit:
 _GAO_FITS = {m: fit_gao_bon if m == "bon" else fit_gao_rl for m in METHODS}
 
 
+# Fit values given as a mean over seeds with a bootstrap interval (fit_all's <key>_lo, <key>_hi).
+WITH_INTERVALS = ("proxy_slope", "gold_slope", "gao_alpha", "gao_beta", "gold_at_zero")
+
+
 def fit_all(rows: Sequence[dict]) -> list[dict]:
   """One flat dict per (size, method): linear fits of proxy and gold reward against sqrt_kl, and
-  the Gao fit (form by method) of the gold gain over the series' mean gold reward at d = 0."""
+  the Gao fit (form by method) of the gold gain over the series' mean gold reward at d = 0.
+
+  Each seed's points are fitted on their own; a value is the mean over seeds, and the
+  WITH_INTERVALS values have a 95% bootstrap interval over seeds (<key>_lo, <key>_hi; nan with
+  one seed). 'seeds' counts them, 'n' the points of all seeds together."""
   fits = []
   for (size, method), series in group_series(rows).items():
-    d, gold = _column(series, "sqrt_kl"), _column(series, "gold_reward")
-    # The initial policy (RL step 0, bon N = 1) has KL exactly 0. A moved policy whose sampled KL
-    # estimate came out negative also has sqrt_kl = 0, but is no baseline.
-    at_zero = _column(series, "kl") == 0
-    if not at_zero.any():
-      raise ValueError(f"size {size!r}, method {method!r}: no point at kl == 0 "
-                       "(RL step 0 / bon N = 1), so no baseline for the gold gain")
-    gold_at_zero = float(gold[at_zero].mean())
-    notes = []
-
-    def attempt(what, fit, fallback, *args):
-      try:  # a degenerate series (e.g. a policy that never moved) is reported, not fatal
-        return fit(*args)
-      except ValueError as e:
-        notes.append(f"{what}: {e}")
-        return fallback
-
-    nan_linear = LinearFit(math.nan, math.nan, math.nan, int(d.size))
-    proxy = attempt("proxy fit", fit_linear, nan_linear, d, _column(series, "proxy_reward"))
-    gold_fit = attempt("gold fit", fit_linear, nan_linear, d, gold)
-    gao = attempt("Gao fit", _GAO_FITS[method], GaoFit(method, math.nan, math.nan, math.nan, int(d.size)),
-                  d, gold - gold_at_zero)
-    fits.append({
-        "size": size, "params": series[0]["params"], "method": method, "n": int(d.size),
-        "proxy_slope": proxy.slope, "proxy_intercept": proxy.intercept, "proxy_r2": proxy.r2,
-        "gold_slope": gold_fit.slope, "gold_intercept": gold_fit.intercept, "gold_r2": gold_fit.r2,
-        "gao_form": gao.form, "gao_alpha": gao.alpha, "gao_beta": gao.beta, "gao_r2": gao.r2,
-        "gold_at_zero": gold_at_zero, "max_sqrt_kl": float(d.max()), "note": "; ".join(notes),
-    })
+    per_seed = {seed: _fit_series(size, method, points) for seed, points in by_seed(series).items()}
+    first = next(iter(per_seed.values()))
+    fit = {"size": size, "params": series[0]["params"], "method": method, "seeds": len(per_seed),
+           "n": sum(f["n"] for f in per_seed.values()), "gao_form": first["gao_form"],
+           "max_sqrt_kl": max(f["max_sqrt_kl"] for f in per_seed.values())}
+    for key in ("proxy_slope", "proxy_intercept", "proxy_r2", "gold_slope", "gold_intercept", "gold_r2",
+                "gao_alpha", "gao_beta", "gao_r2", "gold_at_zero"):
+      iv = bootstrap_mean([f[key] for f in per_seed.values()])
+      fit[key] = iv.mean
+      if key in WITH_INTERVALS:
+        fit[f"{key}_lo"], fit[f"{key}_hi"] = iv.lo, iv.hi
+    notes = [(f"seed {seed}: " if len(per_seed) > 1 else "") + f["note"] for seed, f in per_seed.items() if f["note"]]
+    fit["note"] = "; ".join(notes)
+    fits.append(fit)
   return fits
+
+
+def seed_fits(rows: Sequence[dict]) -> dict[tuple[str, str], dict[int, dict]]:
+  """(size, method) -> {seed: that seed's fits}: what fit_all's means and intervals are over."""
+  return {key: {seed: _fit_series(*key, points) for seed, points in by_seed(series).items()}
+          for key, series in group_series(rows).items()}
+
+
+def _fit_series(size: str, method: str, series: Sequence[dict]) -> dict:
+  """The fits of one seed's points."""
+  d, gold = _column(series, "sqrt_kl"), _column(series, "gold_reward")
+  # The initial policy (RL step 0, bon N = 1) has KL exactly 0. A moved policy whose sampled KL
+  # estimate came out negative also has sqrt_kl = 0, but is no baseline.
+  at_zero = _column(series, "kl") == 0
+  if not at_zero.any():
+    raise ValueError(f"size {size!r}, method {method!r}: no point at kl == 0 "
+                     "(RL step 0 / bon N = 1), so no baseline for the gold gain")
+  gold_at_zero = float(gold[at_zero].mean())
+  notes = []
+
+  def attempt(what, fit, fallback, *args):
+    try:  # a degenerate series (e.g. a policy that never moved) is reported, not fatal
+      return fit(*args)
+    except ValueError as e:
+      notes.append(f"{what}: {e}")
+      return fallback
+
+  nan_linear = LinearFit(math.nan, math.nan, math.nan, int(d.size))
+  proxy = attempt("proxy fit", fit_linear, nan_linear, d, _column(series, "proxy_reward"))
+  gold_fit = attempt("gold fit", fit_linear, nan_linear, d, gold)
+  gao = attempt("Gao fit", _GAO_FITS[method], GaoFit(method, math.nan, math.nan, math.nan, int(d.size)),
+                d, gold - gold_at_zero)
+  return {"n": int(d.size), "proxy_slope": proxy.slope, "proxy_intercept": proxy.intercept, "proxy_r2": proxy.r2,
+          "gold_slope": gold_fit.slope, "gold_intercept": gold_fit.intercept, "gold_r2": gold_fit.r2,
+          "gao_form": gao.form, "gao_alpha": gao.alpha, "gao_beta": gao.beta, "gao_r2": gao.r2,
+          "gold_at_zero": gold_at_zero, "max_sqrt_kl": float(d.max()), "note": "; ".join(notes)}
 
 
 def gao_curve(fit: dict, d) -> np.ndarray:

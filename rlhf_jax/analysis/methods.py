@@ -1,8 +1,8 @@
 """Which optimiser buys the most gold reward per nat of KL: every method of a sweep on one frontier.
 
 For each size, gold reward against sqrt(KL) for PPO, the critic-free methods (RLOO, GRPO, Dr. GRPO,
-GSPO, DAPO), DPO (one trajectory per beta)
-and best-of-N on one panel, and a table of the gold reward at a few KL budgets k: at the size's
+GSPO, DAPO), the direct-alignment losses DPO, IPO and SLiC (one trajectory per beta, each
+evaluated along its training: the hump of Rafailov et al. 2024 when gold falls) and best-of-N on one panel, and a table of the gold reward at a few KL budgets k: at the size's
 "common KL" (the largest KL every method of that size reached, where all can be compared) and at
 fixed budgets. The value at k is read off the measured points (averaged over seeds), sorted by
 KL and interpolated linearly; a method that never reached KL = k has no value there (no
@@ -20,50 +20,76 @@ from rlhf_jax import storage
 from rlhf_jax.analysis import figures as scaling_figures
 from rlhf_jax.analysis import results as sweep_results
 from rlhf_jax.analysis import tables as scaling_tables
+from rlhf_jax.analysis.intervals import bootstrap_mean, format_interval, seeds_note
 
 KL_BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0)  # nats; a column is kept if some method reached it
 _STYLE = {"ppo": ("tab:blue", "o", "-"), "rloo": ("tab:green", "^", "-"), "grpo": ("tab:red", "v", "-"),
           "dr_grpo": ("tab:orange", "<", "-"), "gspo": ("tab:brown", ">", "-"), "dapo": ("tab:olive", "P", "-"),
-          "dpo": ("tab:purple", "D", "-"), "bon": ("tab:grey", "s", "--")}
+          "dpo": ("tab:purple", "D", "-"), "ipo": ("tab:pink", "d", "-"), "slic": ("tab:cyan", "X", "-"),
+          "bon": ("tab:grey", "s", "--")}
+
+
+def seed_gold_at_kl(rows: Sequence[dict], ks: Sequence[float]) -> dict[tuple[str, str], dict[float, np.ndarray]]:
+  """(size, method) -> {k: each seed's gold reward at KL = k}, read off that seed's own points
+  (nan for a seed whose points end below k)."""
+  out, ks = {}, list(dict.fromkeys(float(k) for k in ks))
+  for key, series in sweep_results.group_series(rows).items():
+    values = {k: [] for k in ks}
+    for points in sweep_results.by_seed(series).values():
+      (c,) = sweep_results.mean_curves(points).values()
+      kl = c["sqrt_kl"] ** 2
+      order = np.argsort(kl, kind="stable")
+      kl, gold = kl[order], c["gold_reward"][order]
+      for k in ks:
+        values[k].append(float(np.interp(k, kl, gold)) if kl[0] <= k <= kl[-1] else math.nan)
+    out[key] = {k: np.array(v) for k, v in values.items()}
+  return out
 
 
 def gold_at_kl(rows: Sequence[dict], ks: Sequence[float] = KL_BUDGETS) -> dict[tuple[str, str], dict[float, float]]:
-  """(size, method) -> {k: gold reward at KL = k}, nan where the method's points end below k."""
+  """(size, method) -> {k: gold reward at KL = k, the mean over seeds}, nan where a seed's points end below k."""
+  return {key: {k: float(v.mean()) for k, v in at.items()} for key, at in seed_gold_at_kl(rows, ks).items()}
+
+
+def common_kl(rows: Sequence[dict]) -> dict[str, float]:
+  """size -> the largest KL that every method and seed of that size reached."""
   out = {}
-  for key, c in sweep_results.mean_curves(rows).items():
-    kl = c["sqrt_kl"] ** 2
-    order = np.argsort(kl, kind="stable")
-    kl, gold = kl[order], c["gold_reward"][order]
-    out[key] = {float(k): float(np.interp(k, kl, gold)) if kl[0] <= k <= kl[-1] else math.nan for k in ks}
+  for (size, _), series in sweep_results.group_series(rows).items():
+    for points in sweep_results.by_seed(series).values():
+      reached = float(np.max([row["kl"] for row in points]))
+      out[size] = min(out.get(size, math.inf), reached)
   return out
 
 
 def format_table(rows: Sequence[dict], fits: Sequence[dict], ks: Sequence[float] = KL_BUDGETS) -> str:
   fit_of = {(f["size"], f["method"]): f for f in fits}
   max_kl = {key: float(np.max(c["sqrt_kl"]) ** 2) for key, c in sweep_results.mean_curves(rows).items()}
-  common = {size: min(v for (s, _), v in max_kl.items() if s == size) for size, _ in max_kl}
-  at = gold_at_kl(rows, (*ks, *common.values()))  # one pass: the budgets and every size's common KL
-  reached = [k for k in ks if any(not math.isnan(v[k]) for v in at.values())]
-  head = ["size", "method", "common KL", "gold @ common KL", *(f"gold @ KL={k:g}" for k in reached), "max KL",
-          "Gao alpha", "Gao beta"]
+  common = common_kl(rows)
+  at = seed_gold_at_kl(rows, (*ks, *common.values()))  # one pass: the budgets and every size's common KL
+  reached = [k for k in ks if any(not np.isnan(v[k]).all() for v in at.values())]
+  head = ["size", "method", "seeds", "common KL", "gold @ common KL", *(f"gold @ KL={k:g}" for k in reached),
+          "max KL", "Gao alpha", "Gao beta"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  dash = lambda v: "-" if math.isnan(v) else scaling_tables._cell(v)
+  cell = lambda v: "-" if np.isnan(v).any() else format_interval(bootstrap_mean(v), scaling_tables._cell)
   for (size, method), values in at.items():
     f = fit_of.get((size, method), {})
     k = common[size]
-    cells = [size, method, scaling_tables._cell(k), dash(values[k]),
-             *(dash(values[b]) for b in reached), scaling_tables._cell(max_kl[(size, method)]),
-             scaling_tables._cell(f.get("gao_alpha", math.nan)), scaling_tables._cell(f.get("gao_beta", math.nan))]
+    cells = [size, method, str(len(values[k])), scaling_tables._cell(k), cell(values[k]),
+             *(cell(values[b]) for b in reached), scaling_tables._cell(max_kl[(size, method)]),
+             scaling_tables.fit_cell(f, "gao_alpha"), scaling_tables.fit_cell(f, "gao_beta")]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("\nGold reward (normalised gold PM score) at KL(policy || initial) = k nats, interpolated "
-               "between measured points sorted by KL (means over seeds); '-' where the method never "
-               "reached k. Common KL: the largest KL every method of that size reached. DPO pools its runs of every beta. Gao alpha, beta: the method's fit of the gold "
-               "gain, d (alpha - beta log d) (best-of-N: d (alpha - beta d)).")
+               "between each seed's measured points sorted by KL; '-' where a seed never "
+               "reached k. Common KL: the largest KL every method and seed of that size reached. DPO pools its "
+               "runs of every beta. Gao alpha, beta: the method's fit of the gold "
+               "gain, d (alpha - beta log d) (best-of-N: d (alpha - beta d)). "
+               + seeds_note([len(v[common[s]]) for (s, _), v in at.items()]))
   return "\n".join(lines)
 
 
 def frontier_figure(rows: Sequence[dict]):
-  """One panel per size: every method's gold reward against sqrt(KL)."""
+  """One panel per size: every method's gold reward against sqrt(KL) (with several seeds, their
+  means in a band of the 95% interval over seeds)."""
   curves = sweep_results.mean_curves(rows)
   sizes = list(dict.fromkeys(size for size, _ in curves))
   fig = scaling_figures._figure(len(sizes), width=4.5)
@@ -78,6 +104,7 @@ def frontier_figure(rows: Sequence[dict]):
         pick = run == r
         ax.plot(c["sqrt_kl"][pick], c["gold_reward"][pick], color=colour, marker=marker, markersize=3,
                 linestyle=ls, alpha=1.0 if j == 0 else 0.6, label=method if j == 0 else None)
+        scaling_figures.band(ax, c, "gold_reward", colour, pick)
     ax.set_title(f"size {size}")
     ax.set_xlabel("sqrt(KL(policy || initial)) [sqrt nats]")
     ax.grid(alpha=0.3)

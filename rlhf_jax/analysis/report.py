@@ -6,7 +6,11 @@ Reads <RUN_DIR>/results.jsonl, fits every (size, method) series (rlhf_jax.analys
 al.'s line in d = sqrt(KL), Gao et al.'s forms for the gold gain) and writes <RUN_DIR>/analysis/:
 scaling.md and fits.json, reward_vs_sqrt_kl.png, proxy_vs_gold.png and slope_vs_size.png (those
 three compare PPO with best-of-N, as the papers do), and the comparison of every method at matched
-KL (rlhf_jax.analysis.methods): methods.md, methods_frontier.png.
+KL (rlhf_jax.analysis.methods): methods.md, methods_frontier.png; and which differences between
+methods and sizes the seeds support (rlhf_jax.analysis.significance): differences.md; and the
+reward-hacking monitors of every run (rlhf_jax.analysis.monitors): a section at the end of
+scaling.md (where gold peaks, where the proxy-gold gap widens) and monitors.json. With several
+seeds per cell every value is a mean with a 95% bootstrap interval over seeds.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Sequence
 
 from rlhf_jax import storage
 from rlhf_jax.analysis import methods as method_frontier
+from rlhf_jax.analysis import monitors, significance
 from rlhf_jax.analysis.figures import plot_proxy_vs_gold, plot_reward_vs_sqrt_kl, plot_slope_vs_size
 from rlhf_jax.analysis.fits import fit_all
 from rlhf_jax.analysis.results import RESULTS_FILE, load_results
@@ -38,6 +43,8 @@ def analyse(run_dir: str) -> dict[str, str]:
       "proxy_vs_gold": plot_proxy_vs_gold(rows, storage.join(out, "proxy_vs_gold.png")),
       "slope_vs_size": plot_slope_vs_size(fits, storage.join(out, "slope_vs_size.png")),
       **method_frontier.write(rows, fits, out),
+      **significance.write(rows, out),
+      **monitors.write(rows, out),
   }
 
 
@@ -50,6 +57,7 @@ def main(argv: Sequence[str]) -> None:
     cli.fail("usage: python -m rlhf_jax analyse RUN_DIR")
   paths = analyse(argv[1])
   print(storage.read_text(paths["table"]))
+  print(storage.read_text(paths["differences"]))
   for name, path in paths.items():
     print(f"{name}: {path}")
 

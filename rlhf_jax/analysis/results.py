@@ -9,10 +9,13 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhf_jax import storage
+from rlhf_jax.analysis.intervals import bootstrap_mean
+
 RESULTS_FILE = "results.jsonl"
 
 
-METHODS = ("ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo", "dpo", "bon")
+METHODS = ("ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo", "dpo", "ipo", "slic", "bon")
 
 
 LEGACY_METHODS = {"rl": "ppo"}  # results.jsonl written before RLOO / GRPO / DPO existed
@@ -22,6 +25,9 @@ _INT_FIELDS = ("params", "step")
 
 
 _FLOAT_FIELDS = ("kl", "sqrt_kl", "proxy_reward", "gold_reward")
+
+
+_MONITOR_FIELDS = ("entropy", "response_length", "advantage_std")  # optional: rlhf_jax.analysis.monitors
 
 
 _SOURCE_FIELDS = ("source", "source_hash")  # the checkpoint of a size that is one, and its content hash
@@ -43,10 +49,13 @@ def _check_row(row, where: str) -> dict:
   for field in _INT_FIELDS:  # bool is an int subclass; true/false is never a count
     if not isinstance(row.get(field), int) or isinstance(row[field], bool) or row[field] < 0:
       raise bad(field, f"missing or not a non-negative integer: {row.get(field)!r}")
-  for field in _FLOAT_FIELDS:
+  for field in (*_FLOAT_FIELDS, *(f for f in _MONITOR_FIELDS if f in row)):
     v = row.get(field)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
       raise bad(field, f"missing or not a finite number: {v!r}")
+  seed = row.get("seed", 0)  # rows written before sweeps had seeds are seed 0
+  if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    raise bad("seed", f"not a non-negative integer: {seed!r}")
   for field in _SOURCE_FIELDS:  # only a size that is a checkpoint has them
     if field in row and (not isinstance(row[field], str) or not row[field]):
       raise bad(field, f"not a non-empty string: {row[field]!r}")
@@ -99,20 +108,32 @@ def _column(series: Sequence[dict], field: str) -> np.ndarray:
   return np.array([row[field] for row in series], np.float64)
 
 
+def by_seed(series: Sequence[dict]) -> dict[int, list[dict]]:
+  """A series' rows by seed, seeds in increasing order."""
+  out = {}
+  for row in series:
+    out.setdefault(row.get("seed", 0), []).append(row)
+  return dict(sorted(out.items()))
+
+
 def mean_curves(rows: Sequence[dict]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
   """Per (size, method), arrays sorted by (beta, step) of step, sqrt_kl, proxy_reward and
-  gold_reward, averaged over rows that share them (e.g. seeds); also 'params'. Only DPO rows have
-  a beta (one run per beta); the others' is nan."""
+  gold_reward, averaged over rows that share them (the seeds); also 'params', 'seeds' (how many
+  seeds the series has) and each reward's 95% bootstrap interval over seeds, '<field>_lo' and
+  '<field>_hi' (nan with one seed). Only DPO rows have a beta (one run per beta); the others' is nan."""
   curves = {}
   for key, series in group_series(rows).items():
     point_of = [(float(row.get("beta", math.nan)), row["step"]) for row in series]
     points = sorted(set(point_of), key=lambda p: (0.0 if math.isnan(p[0]) else p[0], p[1]))
     index = np.array([points.index(p) for p in point_of])
     curve = {"step": np.array([p[1] for p in points]), "beta": np.array([p[0] for p in points]),
-             "params": series[0]["params"]}
+             "params": series[0]["params"], "seeds": len(by_seed(series))}
     for field in ("sqrt_kl", "proxy_reward", "gold_reward"):
       values = _column(series, field)
-      curve[field] = np.array([values[index == i].mean() for i in range(len(points))])
+      intervals = [bootstrap_mean(values[index == i]) for i in range(len(points))]
+      curve[field] = np.array([iv.mean for iv in intervals])
+      if field != "sqrt_kl":
+        curve[f"{field}_lo"] = np.array([iv.lo for iv in intervals])
+        curve[f"{field}_hi"] = np.array([iv.hi for iv in intervals])
     curves[key] = curve
   return curves
-from rlhf_jax import storage

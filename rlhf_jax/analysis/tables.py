@@ -6,12 +6,15 @@ import json
 import math
 from typing import Sequence
 
+from rlhf_jax import storage
+from rlhf_jax.analysis.intervals import Interval, format_interval, seeds_note
+
 _TABLE_COLUMNS = (("size", "size"), ("params", "params"), ("method", "method"),
                   ("proxy_slope", "proxy slope"), ("proxy_intercept", "proxy intercept"),
                   ("proxy_r2", "proxy R^2"), ("gold_slope", "gold slope"),
                   ("gold_intercept", "gold intercept"), ("gold_r2", "gold R^2"),
                   ("gao_alpha", "Gao alpha"), ("gao_beta", "Gao beta"), ("gao_r2", "Gao R^2"),
-                  ("n", "n points"), ("note", "note"))
+                  ("seeds", "seeds"), ("n", "n points"), ("note", "note"))
 
 
 def _cell(v) -> str:
@@ -20,14 +23,23 @@ def _cell(v) -> str:
   return str(v)
 
 
+def fit_cell(fit: dict, key: str) -> str:
+  """A fit_all value, with its interval over seeds where it has one."""
+  if f"{key}_lo" not in fit:
+    return _cell(fit.get(key, "-"))
+  iv = Interval(fit[key], fit[f"{key}_lo"], fit[f"{key}_hi"], fit.get("seeds", 1))
+  return format_interval(iv, lambda v: _cell(float(v)))
+
+
 def format_table(fits: Sequence[dict]) -> str:
   """Markdown table of fit_all's output."""
   lines = ["| " + " | ".join(title for _, title in _TABLE_COLUMNS) + " |",
            "|" + "---|" * len(_TABLE_COLUMNS)]
-  lines += ["| " + " | ".join(_cell(fit[key]) for key, _ in _TABLE_COLUMNS) + " |" for fit in fits]
+  lines += ["| " + " | ".join(fit_cell(fit, key) for key, _ in _TABLE_COLUMNS) + " |" for fit in fits]
   lines.append("\nLinear fits (Bai et al. 2022): reward = slope * sqrt(KL) + intercept. Gao et al. 2022 "
                "fits of the gold gain over d = 0: bon d (alpha - beta d), RL methods d (alpha - beta log d), "
-               "through the origin; their R^2 is about the mean gain and can be negative.")
+               "through the origin; their R^2 is about the mean gain and can be negative. Each seed is "
+               "fitted on its own. " + seeds_note([fit.get("seeds", 1) for fit in fits]))
   return "\n".join(lines)
 
 
@@ -39,4 +51,3 @@ def write_table(fits: Sequence[dict], path: str) -> tuple[str, str]:
   clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in fit.items()} for fit in fits]
   storage.write_atomic(json_path, json.dumps(clean, indent=1, allow_nan=False))
   return path, json_path
-from rlhf_jax import storage

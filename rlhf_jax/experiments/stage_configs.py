@@ -16,7 +16,10 @@ GOLD = "gold"
 
 
 # train_ppo's algorithms, then DPO; best-of-N ("bon") runs for every size as well.
-RL_METHODS = ("ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo", "dpo")
+RL_METHODS = ("ppo", "rloo", "grpo", "dr_grpo", "gspo", "dapo", "dpo", "ipo", "slic")
+
+# Direct alignment: train_dpo with its loss of that name, one run per beta in config.dpo.betas.
+DIRECT_METHODS = ("dpo", "ipo", "slic")
 
 
 def model_config(config, name: str) -> ModelConfig:
@@ -62,10 +65,30 @@ def policy_dir(config, workdir: str, name: str) -> str:
   return storage.join(workdir, f"sft_{name}" if config.sft.objective else f"lm_{name}")
 
 
-def pm_config(config, workdir: str, name: str):
+def seeds(config) -> tuple[int, ...]:
+  """config.seeds: the sweep's seeds (default (0,)). Each seed reruns the stages whose randomness
+  matters (proxy PM init and data order, RL / DPO sampling and order, best-of-N's samples) with
+  that offset on their seeds; the LMs, SFT, gold PM and labels are shared by every seed."""
+  chosen = config.get("seeds", (0,))
+  chosen = (chosen,) if isinstance(chosen, int) and not isinstance(chosen, bool) else tuple(chosen)
+  if not chosen or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in chosen):
+    raise ConfigError(f"seeds={chosen}: expected a non-empty list of non-negative integers")
+  if len(set(chosen)) != len(chosen):
+    raise ConfigError(f"seeds={chosen}: a seed is repeated (each seed is one run of every seeded stage)")
+  return chosen
+
+
+def seeded(stage: str, seed: int) -> str:
+  """A seeded stage's name: seed 0 keeps the name a sweep without seeds used, so its stages stay cached."""
+  return stage if seed == 0 else f"{stage}_seed{seed}"
+
+
+def pm_config(config, workdir: str, name: str, seed: int = 0):
+  """A size's proxy PM (seeded), or the gold PM (name == GOLD; one for every seed)."""
   from configs import pm
   c = _stage_config(pm, config, workdir, name, "pm", *(("gold_pm",) if name == GOLD else ()))
   c.init_from = storage.join(workdir, f"lm_{name}")
+  c.train.seed += seed
   if config.setup == "halves":
     c.data.half = "b" if name == GOLD else "a"
   elif name != GOLD:
@@ -81,23 +104,25 @@ def methods(config) -> tuple[str, ...]:
   return chosen
 
 
-def ppo_config(config, workdir: str, name: str, algorithm: str = "ppo"):
-  """train_ppo's config for one size; a critic-free algorithm ("rloo", "grpo", ...) adds
-  config[algorithm] over rl."""
+def ppo_config(config, workdir: str, name: str, algorithm: str = "ppo", seed: int = 0):
+  """train_ppo's config for one size and seed (against that seed's proxy PM); a critic-free
+  algorithm ("rloo", "grpo", ...) adds config[algorithm] over rl."""
   from configs import ppo
   extra = (algorithm,) if algorithm != "ppo" and algorithm in config else ()
   c = _stage_config(ppo, config, workdir, name, "rl", *extra)
   c.algorithm = algorithm
   c.policy_from = policy_dir(config, workdir, name)
-  c.pm_dir = storage.join(workdir, f"pm_{name}")
+  c.pm_dir = storage.join(workdir, seeded(f"pm_{name}", seed))
+  c.train.seed += seed
   c.eval.pm_dirs = (storage.join(workdir, f"pm_{GOLD}"),)
   return c
 
 
-def dpo_config(config, workdir: str, name: str, beta: float):
-  """train_dpo's config: the proxy PM's comparisons, evaluated exactly as the RL runs are."""
+def dpo_config(config, workdir: str, name: str, beta: float, seed: int = 0, method: str = "dpo"):
+  """train_dpo's config: the proxy PM's comparisons, evaluated exactly as the RL runs are. Method
+  "dpo" takes its loss from config.dpo.loss (default "dpo"); "ipo" and "slic" are that loss."""
   from configs import dpo
-  rl = ppo_config(config, workdir, name)
+  rl = ppo_config(config, workdir, name, seed=seed)
   c = dpo.get_config(config.base_preset)
   c.data, c.eval, c.mesh = rl.data, rl.eval, rl.mesh
   c.policy_from, c.pm_dir = rl.policy_from, rl.pm_dir
@@ -106,10 +131,11 @@ def dpo_config(config, workdir: str, name: str, beta: float):
   section = dict(config.dpo)
   for key in ("train", "optimizer"):
     override(c[key], section.get(key, {}), f"dpo.{key}")
-  c.dpo.loss, c.dpo.beta = section.get("loss", "dpo"), float(beta)
+  c.dpo.loss, c.dpo.beta = section.get("loss", "dpo") if method == "dpo" else method, float(beta)
+  c.train.seed += seed
   c.progress_bar = config.progress_bar
   return c
 
 
-def dpo_stage_name(name: str, beta: float) -> str:
-  return f"dpo_{name}_beta{float(beta):g}"
+def dpo_stage_name(name: str, beta: float, seed: int = 0, method: str = "dpo") -> str:
+  return seeded(f"{method}_{name}_beta{float(beta):g}", seed)

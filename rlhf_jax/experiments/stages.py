@@ -332,6 +332,8 @@ def experiment_main(run: Callable[..., dict], example: str) -> Callable:
     out = exit_75_if_interrupted(run, config_flag.value, workdir, stop_after=stop_flag.value)
     if "analysis" in out:
       print(storage.read_text(out["analysis"]["table"]))
+      if "differences" in out["analysis"]:
+        print(storage.read_text(out["analysis"]["differences"]))
       for key, path in {"results": out["results"], **out["analysis"]}.items():
         print(f"{key}: {path}")
     print(f"stage seconds: {json.dumps({k: round(v) for k, v in out['timings'].items()})}")

@@ -17,7 +17,7 @@ RL methods (config.methods): "ppo" (Bai et al.: value model, GAE), and the criti
 "grpo", "dr_grpo", "gspo" and "dapo" (config.<method> overrides config.rl for each; the variants'
 formulas in rlhf_jax.objectives.critic_free), all through rlhf_jax.trainers.train_ppo with the
 same KL-penalised reward; "dpo" (rlhf_jax.trainers.train_dpo, one stage per beta in config.dpo.betas) on
-the comparisons the proxy PM is trained on. Every method is evaluated by the same function on the
+the comparisons the proxy PM is trained on, and "ipo" and "slic", the same with their losses. Every method is evaluated by the same function on the
 same held-out prompts (KL against the initial policy, proxy and gold PM), beside best-of-N.
 
 A size may name a checkpoint instead of a model to pretrain (config.models.<size> = {"from":
@@ -29,16 +29,21 @@ Each size's initial policy is its pretrained LM, or, with config.sft.objective =
 "distill", that LM fine-tuned on the Assistant turns or context-distilled (Bai et al. start RLHF
 from context-distilled models); PMs start from the pretrained LM.
 
+Seeds (config.seeds, default (0,)): every seed reruns the stages whose randomness matters, with
+their seeds offset by it: pm_<size>, the RL and DPO runs and bon_<size>; a seed s > 0 suffixes
+their names with _seed<s>. The LMs, SFT, gold PM, labels and evaluations (of the first seed's
+PPO policy) are shared. Results rows carry their seed, and the analysis reports means over seeds
+with 95% bootstrap intervals (rlhf_jax.analysis.intervals).
+
 Stages (rlhf_jax.experiments.stages), each in its own subdirectory: [tokenizer], lm_<size>, [sft_<size>],
-pm_gold, [labels_<size>], pm_<size>, ppo_<size>, [<method>_<size> for each critic-free method, dpo_<size>_beta<b>],
-bon_<size>, [evals_<size>: rlhf_jax.evals.stage].
+pm_gold, [labels_<size>], per seed: pm_<size>, ppo_<size>, [<method>_<size> for each critic-free
+method, <dpo|ipo|slic>_<size>_beta<b>], bon_<size>; then [evals_<size>: rlhf_jax.evals.stage].
 A finished stage is skipped on a rerun and an interrupted one resumes from its last checkpoint, so
 a killed sweep is resumed by running the same command again; a stage that runs again (deleted by
 hand) reruns the stages downstream of it too.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
@@ -53,6 +58,7 @@ from rlhf_jax.data.tokenizer import Tokenizer, train_tokenizer
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.experiments import checkpoint_sizes
 from rlhf_jax.experiments.stage_configs import (
+  DIRECT_METHODS,
   GOLD,
   dpo_config,
   dpo_stage_name,
@@ -62,6 +68,8 @@ from rlhf_jax.experiments.stage_configs import (
   pm_config,
   policy_dir,
   ppo_config,
+  seeded,
+  seeds,
   sft_config,
 )
 from rlhf_jax.experiments.stages import (
@@ -71,11 +79,11 @@ from rlhf_jax.experiments.stages import (
   config_inputs,
   experiment_main,
   override,
-  read_jsonl,
   run_stages,
   trainer_stage,
   write_jsonl,
 )
+from rlhf_jax.experiments.sweep_results import collect_results
 from rlhf_jax.model.config import param_counts
 from rlhf_jax.model.sampling import generate
 from rlhf_jax.trainers.best_of_n import best_of_n
@@ -182,11 +190,13 @@ def _labels_stage(config, workdir: str, name: str) -> Stage:
   return Stage(f"labels_{name}", settings, run, (policy_stage, f"pm_{GOLD}"))
 
 
-def _bon_stage(config, workdir: str, name: str) -> Stage:
-  rl = ppo_config(config, workdir, name)
+def _bon_stage(config, workdir: str, name: str, seed: int = 0) -> Stage:
+  rl = ppo_config(config, workdir, name, seed=seed)
   bon = config.bon
   settings = {"bon": bon.to_dict(), "ppo": rl.ppo.to_dict(), "sampling": rl.sampling.to_dict(),
               "data": rl.data.to_dict()}
+  if seed:
+    settings["seed"] = seed
 
   def run(d):
     from rlhf_jax.data.prompts import held_out_prompts
@@ -197,14 +207,21 @@ def _bon_stage(config, workdir: str, name: str) -> Stage:
     cfg.eval.num_prompts = bon.num_prompts or rl.eval.num_prompts
     eval_prompts = held_out_prompts(cfg, tok, d)  # the prompts PPO is evaluated on
     extra = {f"pm_{GOLD}": _frozen(rl.eval.pm_dirs[0], mesh, True)}
-    rows = best_of_n(_frozen(rl.policy_from, mesh), _frozen(rl.pm_dir, mesh, True), extra,
-                     eval_prompts.in_order()[0], list(bon.ns), jax.random.PRNGKey(bon.seed),
-                     max_new_tokens=rl.sampling.max_new_tokens, temperature=rl.sampling.temperature, eos_id=tok.eos_id,
-                     pad_id=tok.pad_id, eoc_id=tok.eoc_id)
+    policy, prompts = _frozen(rl.policy_from, mesh), eval_prompts.in_order()[0]
+    first = None  # on the RL evaluation's prompts, its own samples: one KL = 0 point for every method
+    if cfg.eval.num_prompts == rl.eval.num_prompts:
+      from rlhf_jax.trainers.policy_eval import make_sampler
+      first = make_sampler(rl.sampling, policy.model, tok)(policy.params, prompts["tokens"], prompts["attention_mask"],
+                                                           jax.random.PRNGKey(rl.eval.seed))
+    rows = best_of_n(policy, _frozen(rl.pm_dir, mesh, True), extra, prompts, list(bon.ns),
+                     jax.random.PRNGKey(bon.seed + seed), max_new_tokens=rl.sampling.max_new_tokens,
+                     temperature=rl.sampling.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id, eoc_id=tok.eoc_id,
+                     first=first)
     if hosts.is_lead():
       write_jsonl(storage.join(d, "best_of_n.jsonl"), rows)
     return {"max_n": max(bon.ns)}
-  return Stage(f"bon_{name}", settings, run, config_inputs(rl, workdir))  # the initial policy, not PPO's
+  # Its inputs are the initial policy and this seed's PMs, not PPO's run.
+  return Stage(seeded(f"bon_{name}", seed), settings, run, config_inputs(rl, workdir))
 
 
 def evals_config(config) -> ml_collections.ConfigDict:
@@ -221,10 +238,15 @@ def _with_evals(config) -> bool:
 
 
 def _evals_stage(config, workdir: str, name: str) -> Stage:
-  rl = ppo_config(config, workdir, name)
+  """The evaluations of the initial policy and of the first seed's PPO policy."""
+  seed = seeds(config)[0]
+  rl = ppo_config(config, workdir, name, seed=seed)
   ev = evals_config(config)
   settings = {"evals": ev.to_dict(), "ppo": rl.ppo.to_dict(), "sampling": rl.sampling.to_dict(),
               "data": rl.data.to_dict(), "eval": rl.eval.to_dict()}
+  if seed:
+    settings["seed"] = seed
+  ppo_stage = seeded(f"ppo_{name}", seed)
 
   def run(d):
     from rlhf_jax.data.prompts import held_out_prompts
@@ -233,7 +255,7 @@ def _evals_stage(config, workdir: str, name: str) -> Stage:
     from rlhf_jax.training.saved_runs import load_policy
     mesh = shd.make_mesh(rl.mesh.shape)
     tok = same_tokenizer(rl.policy_from, rl.pm_dir, *rl.eval.pm_dirs)
-    ppo_dir = storage.join(workdir, f"ppo_{name}")
+    ppo_dir = storage.join(workdir, ppo_stage)
     initial = load_policy(rl.policy_from, mesh)
     out = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"]}
     out |= stage.policy_evals({"initial": initial, "rlhf": load_policy(ppo_dir, mesh)}, tok, ev, d, mesh,
@@ -251,7 +273,7 @@ def _evals_stage(config, workdir: str, name: str) -> Stage:
       table = suite.markdown({"initial": out["initial"], "rlhf": out["rlhf"]})
       storage.write_atomic(storage.join(d, "evals.md"), table)
     return {tag: {k: v for k, (v, _) in suite.headline(out[tag]).items()} for tag in ("initial", "rlhf")}
-  return Stage(f"evals_{name}", settings, run, (*config_inputs(rl, workdir), f"ppo_{name}"))
+  return Stage(f"evals_{name}", settings, run, (*config_inputs(rl, workdir), ppo_stage))
 
 
 def base_stages(config, workdir: str) -> list[Stage]:
@@ -302,14 +324,16 @@ def plan(config, workdir: str) -> list[Stage]:
   for n in config.sizes:
     if config.setup == "gold_pm":
       stages.append(_labels_stage(config, workdir, n))
-    stages.append(trained(f"pm_{n}", train_pm.train, pm_config(config, workdir, n), workdir))
-    for method in methods(config):
-      if method == "dpo":
-        stages += [trained(dpo_stage_name(n, b), train_dpo.train, dpo_config(config, workdir, n, b), workdir)
-                   for b in config.dpo.betas]
-      else:
-        stages.append(trained(f"{method}_{n}", train_ppo.train, ppo_config(config, workdir, n, method), workdir))
-    stages.append(_bon_stage(config, workdir, n))
+    for seed in seeds(config):
+      stages.append(trained(seeded(f"pm_{n}", seed), train_pm.train, pm_config(config, workdir, n, seed), workdir))
+      for method in methods(config):
+        if method in DIRECT_METHODS:
+          stages += [trained(dpo_stage_name(n, b, seed, method), train_dpo.train,
+                             dpo_config(config, workdir, n, b, seed, method), workdir) for b in config.dpo.betas]
+        else:
+          stages.append(trained(seeded(f"{method}_{n}", seed), train_ppo.train,
+                                ppo_config(config, workdir, n, method, seed), workdir))
+      stages.append(_bon_stage(config, workdir, n, seed))
     if _with_evals(config):
       stages.append(_evals_stage(config, workdir, n))
   return stages
@@ -336,43 +360,6 @@ def run_sweep(config, workdir: str, *, stop_after: str = "") -> dict[str, Any]:
       from rlhf_jax.analysis import evals as evals_analysis
       out["analysis"] |= evals_analysis.analyse(workdir, list(config.sizes))
   return out
-
-
-def _evaluated_points(run_dir: str, base: dict, gold_key: str) -> list[dict]:
-  """The evaluations a train_ppo / train_dpo run logged (step 0 = the initial policy), as rows."""
-  by_step = {}  # a resumed run may log a step twice: its last record wins
-  for m in read_metrics(run_dir):
-    if "eval_kl" in m:
-      by_step[m["step"]] = m
-  rows = []
-  for step, m in sorted(by_step.items()):
-    kl = float(m["eval_kl"])
-    rows.append({**base, "step": int(step), "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),
-                 "proxy_reward": float(m["eval_pm_reward"]), "gold_reward": float(m[f"eval_{gold_key}"])})
-  return rows
-
-
-def collect_results(config, workdir: str) -> list[dict]:
-  """One row per evaluated point: each RL method's evaluations (step = iteration or DPO update, 0 =
-  initial policy; DPO rows carry their beta) and best-of-N (step = N), with the proxy PM's and
-  the gold PM's normalised rewards."""
-  gold_key = f"pm_{GOLD}_reward"
-  rows = []
-  for name in config.sizes:
-    base = {"size": name, "params": param_counts(model_config(config, name))["non_embedding"],
-            **checkpoint_sizes.provenance(config, workdir, name)}
-    for method in methods(config):
-      if method == "dpo":
-        for b in config.dpo.betas:
-          rows += _evaluated_points(storage.join(workdir, dpo_stage_name(name, b)),
-                                    {**base, "method": "dpo", "beta": float(b)}, gold_key)
-      else:
-        rows += _evaluated_points(storage.join(workdir, f"{method}_{name}"), {**base, "method": method}, gold_key)
-    for b in read_jsonl(storage.join(workdir, f"bon_{name}", "best_of_n.jsonl")):
-      rows.append({**base, "method": "bon", "step": int(b["n"]), "kl": float(b["kl"]),
-                   "sqrt_kl": float(b["sqrt_kl"]), "proxy_reward": float(b["proxy_reward"]),
-                   "gold_reward": float(b[gold_key])})
-  return rows
 
 
 # --- command line ------------------------------------------------------------------------------

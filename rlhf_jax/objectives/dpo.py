@@ -3,7 +3,9 @@
 DPO (Rafailov et al. 2023): with h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)],
 the loss is -log sigmoid(beta h); the policy's implicit reward of a response is
 beta (log pi(y|x) - log pi_ref(y|x)). IPO (Azar et al. 2023) regresses h to 1 / (2 beta) instead:
-(h - 1 / (2 beta))^2, which keeps a finite optimum on deterministic preferences. log pi(y|x) is
+(h - 1 / (2 beta))^2, which keeps a finite optimum on deterministic preferences. SLiC (Zhao et al.
+2023, in the reference-relative form of Rafailov et al. 2024) is the hinge max(0, 1 - beta h): no
+gradient once a pair's margin passes 1 / beta. log pi(y|x) is
 summed over the response's tokens (its EOS included), the same sum whose difference with the
 reference gives KL(pi || pi_ref) on the sweep's axis.
 
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from rlhf_jax.model.transformer import Transformer
 from rlhf_jax.objectives.lm import target_weights, token_log_probs
 
-LOSSES = ("dpo", "ipo")
+LOSSES = ("dpo", "ipo", "slic")
 
 
 def sequence_log_probs(params, model: Transformer, batch: dict[str, jax.Array]) -> jax.Array:
@@ -33,14 +35,19 @@ def sequence_log_probs(params, model: Transformer, batch: dict[str, jax.Array]) 
 
 
 def preference_loss(policy_logp: jax.Array, ref_logp: jax.Array, beta, loss: str = "dpo") -> tuple[jax.Array, dict]:
-  """Mean DPO / IPO loss over comparisons; logps [batch, 2] (chosen, rejected) summed over each
+  """Mean DPO / IPO / SLiC loss over comparisons; logps [batch, 2] (chosen, rejected) summed over each
   response. Metrics: the implicit rewards of both responses, their margin and how often the
   chosen one's is higher."""
   if loss not in LOSSES:
     raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
   implicit = beta * (policy_logp - ref_logp)  # [batch, 2]
   h = (policy_logp[:, 0] - ref_logp[:, 0]) - (policy_logp[:, 1] - ref_logp[:, 1])
-  per_pair = jax.nn.softplus(-beta * h) if loss == "dpo" else (h - 1.0 / (2.0 * beta)) ** 2
+  if loss == "dpo":
+    per_pair = jax.nn.softplus(-beta * h)
+  elif loss == "ipo":
+    per_pair = (h - 1.0 / (2.0 * beta)) ** 2
+  else:
+    per_pair = jax.nn.relu(1.0 - beta * h)
   value = per_pair.mean()
   return value, {"loss": value, "implicit_reward_chosen": implicit[:, 0].mean(),
                  "implicit_reward_rejected": implicit[:, 1].mean(),

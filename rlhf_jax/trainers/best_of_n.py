@@ -30,31 +30,39 @@ def analytic_kl(n: int) -> float:
 
 
 def best_of_n(policy, pm, extra_pms: dict, prompts: dict, ns: Sequence[int], rng: jax.Array, *,
-              max_new_tokens: int, temperature: float, eos_id: int, pad_id: int, eoc_id: int) -> list[dict]:
+              max_new_tokens: int, temperature: float, eos_id: int, pad_id: int, eoc_id: int,
+              first=None) -> list[dict]:
   """policy / pm / extra_pms: objects with .model, .params (and .normalisation for PMs), e.g.
   rlhf_jax.training.saved_runs.FrozenModel. prompts: {'tokens', 'attention_mask'} [num_prompts, P].
 
   max(ns) samples are drawn per prompt once; best-of-n uses the first n of them, so the curve
-  over n is nested (less noisy than independent draws per n) and costs one generation."""
+  over n is nested (less noisy than independent draws per n) and costs one generation. first
+  (a Generation, one sample per prompt) is each prompt's sample 0: given the RL evaluation's own
+  samples of the initial policy, best-of-1 is the RL curves' KL = 0 point exactly."""
   n_max = max(ns)
   scores = sample_scores(policy, {"_selector": pm, **extra_pms}, prompts, n_max, rng, max_new_tokens=max_new_tokens,
-                         temperature=temperature, eos_id=eos_id, pad_id=pad_id, eoc_id=eoc_id)
+                         temperature=temperature, eos_id=eos_id, pad_id=pad_id, eoc_id=eoc_id, first=first)
   norm = lambda name, frozen: (scores[name] - frozen.normalisation["mean"]) / frozen.normalisation["std"]
   return select_best(norm("_selector", pm), {name: norm(name, f) for name, f in extra_pms.items()}, ns)
 
 
 def sample_scores(policy, pms: dict, prompts: dict, n: int, rng: jax.Array, *, max_new_tokens: int,
-                  temperature: float, eos_id: int, pad_id: int, eoc_id: int) -> dict[str, np.ndarray]:
+                  temperature: float, eos_id: int, pad_id: int, eoc_id: int, first=None) -> dict[str, np.ndarray]:
   """n samples per prompt from policy, scored by every PM: {name: raw scores [num_prompts, n]}
-  (float64, gathered to every host)."""
-  tokens = jnp.repeat(prompts["tokens"], n, axis=0)  # [num_prompts * n, P], prompt-major
-  mask = jnp.repeat(prompts["attention_mask"], n, axis=0)
-  gen = generate(policy.params, tokens, mask, rng, model=policy.model, max_new_tokens=max_new_tokens,
-                 temperature=temperature, eos_id=eos_id, pad_id=pad_id)
+  (float64, gathered to every host). first: a Generation of one sample per prompt to use as
+  sample 0 (n - 1 more are drawn)."""
+  drawn = n - (first is not None)
+  gens = [] if first is None else [first]
+  if drawn:
+    tokens = jnp.repeat(prompts["tokens"], drawn, axis=0)  # [num_prompts * drawn, P], prompt-major
+    mask = jnp.repeat(prompts["attention_mask"], drawn, axis=0)
+    gens.append(generate(policy.params, tokens, mask, rng, model=policy.model, max_new_tokens=max_new_tokens,
+                         temperature=temperature, eos_id=eos_id, pad_id=pad_id))
   out = {}
   for name, frozen in pms.items():
-    raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask, eoc_id)
-    out[name] = shd.to_host(raw).astype(np.float64).reshape(-1, n)
+    parts = [shd.to_host(pm_score(frozen.model, frozen.params, g.prompt_tokens, g.prompt_mask, g.tokens, g.mask,
+                                  eoc_id)).astype(np.float64).reshape(prompts["tokens"].shape[0], -1) for g in gens]
+    out[name] = np.concatenate(parts, axis=1)
   return out
 
 

@@ -121,8 +121,8 @@ def _check_dpo(config) -> None:
   beta, loss = config.dpo.beta, config.dpo.loss
   if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
     raise ConfigError(f"dpo.beta={beta!r}: must be a positive finite number")
-  if loss not in ("dpo", "ipo"):
-    raise ConfigError(f"dpo.loss={loss!r}: expected 'dpo' or 'ipo'")
+  if loss not in ("dpo", "ipo", "slic"):
+    raise ConfigError(f"dpo.loss={loss!r}: expected 'dpo', 'ipo' or 'slic'")
   _check_ppo_runs(config)
   policy = _model(run_model(config.policy_from, "policy_from"), f"policy_from={config.policy_from}")
   if config.train.seq_len > policy.max_seq_len:

@@ -29,9 +29,11 @@ def make_sampler(sampling, model: Transformer, tok: Tokenizer) -> Callable:
 
 def policy_evaluator(policy0: FrozenModel, eval_pms: dict[str, FrozenModel], prompts: dict, sample: Callable,
                      tok: Tokenizer, seed: int) -> Callable[[Any], dict]:
-  """evaluate(policy_params) -> {eval_kl, eval_sqrt_kl, eval_<pm>_reward[_raw], ...}: one sample
-  per held-out prompt with fixed seeds, KL against policy0 by the k1 estimator summed over the
-  sampled tokens (rlhf_jax.objectives.ppo.sequence_kl), and every PM's normalised score. Every method of the
+  """evaluate(policy_params) -> {eval_kl, eval_sqrt_kl, eval_<pm>_reward[_raw], eval_gap_<pm>,
+  eval_entropy, eval_response_length}: one sample per held-out prompt with fixed seeds, KL against
+  policy0 by the k1 estimator summed over the sampled tokens (rlhf_jax.objectives.ppo.sequence_kl),
+  every PM's normalised score and its gap below the training PM's ("pm", first in eval_pms), and
+  the policy's mean per-token entropy over its samples. Every method of the
   sweep (PPO, RLOO, GRPO, DPO) is measured by this one function."""
 
   def evaluate(params):
@@ -41,19 +43,23 @@ def policy_evaluator(policy0: FrozenModel, eval_pms: dict[str, FrozenModel], pro
     p = gen.prompt_tokens.shape[1]
 
     def logp(model_params):
-      logits = policy0.model.apply({"params": model_params}, tokens, attention_mask=mask).logits
-      lp = jax.nn.log_softmax(logits[:, p - 1:-1], axis=-1)
-      return jnp.take_along_axis(lp, gen.tokens[..., None], axis=-1)[..., 0]
+      logits = policy0.model.apply({"params": model_params}, tokens, attention_mask=mask).logits[:, p - 1:-1]
+      lp = jax.nn.log_softmax(logits, axis=-1)
+      return jnp.take_along_axis(lp, gen.tokens[..., None], axis=-1)[..., 0], logits
 
-    kl = float(ppo.sequence_kl(logp(params), logp(policy0.params), gen.mask).mean())
+    (policy_logp, logits), (ref_logp, _) = logp(params), logp(policy0.params)
+    kl = float(ppo.sequence_kl(policy_logp, ref_logp, gen.mask).mean())
     out = {"eval_kl": kl, "eval_sqrt_kl": float(np.sqrt(max(kl, 0.0))),
-           "eval_response_length": float(gen.mask.sum(axis=1).mean())}
+           "eval_response_length": float(gen.mask.sum(axis=1).mean()),
+           "eval_entropy": float(ppo.entropy(logits, gen.mask))}
     for name, frozen in eval_pms.items():
       raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask,
                      tok.eoc_id)
       n = frozen.normalisation
       out[f"eval_{name}_reward"] = float(((raw - n["mean"]) / n["std"]).mean())
       out[f"eval_{name}_reward_raw"] = float(raw.mean())
+      if name != "pm" and "eval_pm_reward" in out:  # proxy minus this PM: over-optimisation shows as a gap that widens
+        out[f"eval_gap_{name}"] = out["eval_pm_reward"] - out[f"eval_{name}_reward"]
     return out
 
   return evaluate

@@ -110,12 +110,12 @@ def score_rollout(params, ref_params, pm_params, gen, kl_coef, score_mean, score
     penalty = critic_free.overlong_penalty(gen.mask.sum(axis=1), gen.mask.shape[1], hyper.overlong_buffer)
     score, extra["overlong_penalty"] = score + penalty, penalty.mean()
   rewards = ppo.kl_penalized_rewards(logp, ref_logp, score, gen.mask, kl_coef)
-  advantages, returns = _advantages(rewards, values, gen.mask, hyper)
+  advantages, returns, spread = _advantages(rewards, values, gen.mask, hyper)
   kl = ppo.sequence_kl(logp, ref_logp, gen.mask)
   metrics = {"pm_reward_raw": raw.mean(), "pm_reward": score.mean(), "kl": kl.mean(),
              "sqrt_kl": jnp.sqrt(jnp.maximum(kl.mean(), 0.0)), "entropy": ppo.entropy(logits, gen.mask),
              "response_length": gen.mask.sum(axis=1).mean(), "kl_coef": jnp.asarray(kl_coef, jnp.float32),
-             "total_reward": (rewards * gen.mask).sum(axis=1).mean(), **extra}
+             "total_reward": (rewards * gen.mask).sum(axis=1).mean(), "advantage_std": spread, **extra}
   rollout = {"tokens": tokens, "mask": mask, "response": gen.tokens, "response_mask": gen.mask,
              "old_logp": logp, "old_values": values, "advantages": advantages, "returns": returns}
   metrics.update(_sampler_gap(logp, gen, hyper, rollout))
@@ -146,16 +146,19 @@ def _sampler_gap(logp, gen, hyper: PPOHyper, rollout: dict) -> dict:
   return out
 
 
-def _advantages(rewards, values, mask, hyper: PPOHyper) -> tuple[jax.Array, jax.Array]:
-  """(advantages, returns) [batch, T]: GAE for PPO; for RLOO / GRPO the sequence's group-relative
-  advantage of its KL-penalised return on every one of its tokens (returns unused: no critic)."""
+def _advantages(rewards, values, mask, hyper: PPOHyper) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(advantages, returns) [batch, T] and the advantages' spread (std, before any whitening: a
+  reward-hacking monitor). GAE for PPO, spread over response tokens; for RLOO / GRPO the sequence's
+  group-relative advantage of its KL-penalised return on every one of its tokens, spread over
+  sequences (returns unused: no critic)."""
   if hyper.algorithm == "ppo":
     advantages, returns = ppo.gae_advantages(rewards, values, mask, hyper.gamma, hyper.lam)
-    return (ppo.whiten(advantages, mask) if hyper.whiten_advantages else advantages), returns
+    spread = jnp.sqrt(ppo.masked_mean((advantages - ppo.masked_mean(advantages, mask)) ** 2, mask))
+    return (ppo.whiten(advantages, mask) if hyper.whiten_advantages else advantages), returns, spread
   batch = rewards.shape[0]
   group = jnp.arange(batch) // hyper.samples_per_prompt
   seq_adv = critic_free.ADVANTAGES[hyper.algorithm](rewards.sum(axis=1), group, batch // hyper.samples_per_prompt)
-  return jnp.where(mask, seq_adv[:, None], 0.0), jnp.zeros_like(rewards)
+  return jnp.where(mask, seq_adv[:, None], 0.0), jnp.zeros_like(rewards), seq_adv.std()
 
 
 def _policy_loss(logp, mb: dict[str, jax.Array], hyper: PPOHyper) -> tuple[jax.Array, dict]:
