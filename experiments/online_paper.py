@@ -3,18 +3,13 @@ data, five rounds of 20k gold-PM-labelled comparisons per arm, three seeds.
 
   launch/tpu_pod.sh NAME ZONE TYPE -- python -m rlhf_jax online --config=experiments/online_paper.py
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from rlhf_jax.experiments.config_files import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_sweep.py")
-  spec = importlib.util.spec_from_file_location("paper_sweep", path)
-  paper = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(paper)
-  c = paper.get_config()
+  c = sibling_config(__file__, "paper_sweep.py")
   del c["bon"], c["evals"]
   c.online = ml_collections.ConfigDict({"rounds": 5, "pairs_per_round": 20000, "agreement": 0.7,
                                         "mix_earlier": 0.2, "seeds": (0, 1, 2), "eval_pairs": 512,

@@ -2,18 +2,13 @@
 --config=experiments/online_tiny.py`): the tiny sweep's models and gold PM, three rounds of 256
 gold-PM-labelled comparisons per arm (online vs static), shorter PM and PPO runs per round.
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from rlhf_jax.experiments.config_files import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_sweep.py")
-  spec = importlib.util.spec_from_file_location("tiny_sweep", path)
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  c = tiny.get_config()
+  c = sibling_config(__file__, "tiny_sweep.py")
   del c["bon"], c["evals"]  # not part of the online experiment
   c.sizes = ("xs", "s")
   train = lambda steps: {"steps": steps, "seq_len": 64, "eval_every": steps, "checkpoint_every": 50}

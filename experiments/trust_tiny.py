@@ -7,18 +7,13 @@ method differences the seeds support, and the monitors can show gold reward peak
 
 Evaluation suites are left out (they are seed-free and make run has them); best-of-N is kept.
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from rlhf_jax.experiments.config_files import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_sweep.py")
-  spec = importlib.util.spec_from_file_location("tiny_sweep", path)
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  c = tiny.get_config()
+  c = sibling_config(__file__, "tiny_sweep.py")
   del c["evals"], c["dr_grpo"], c["gspo"], c["dapo"]
   c.seeds = (0, 1, 2)
   c.methods = ("ppo", "rloo", "grpo", "dpo", "ipo", "slic")

@@ -31,12 +31,8 @@ def small_run_config(config, steps: int, max_examples: int):
 def micro_sweep_config(**changes):
   """experiments/tiny_sweep.py shrunk to seconds per stage: one size (the per-size stages cost
   about a minute of compilation each), few steps, data parallel."""
-  import importlib.util
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "tiny_sweep.py")
-  spec = importlib.util.spec_from_file_location("tiny_sweep", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from rlhf_jax.experiments.config_files import load_module
+  c = load_module(os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "tiny_sweep.py")).get_config()
   size = lambda d, layers: {"d_model": d, "num_layers": layers, "num_heads": d // 16, "num_kv_heads": 1,
                             "head_dim": 16, "mlp_dim": 2 * d, "vocab_size": 512}
   c.sizes = ("xs",)

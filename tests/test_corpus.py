@@ -339,14 +339,10 @@ def test_tokenizer_learns_from_a_bounded_corpus_sample(docs, tmp_path):
 
 
 def test_paper_sweep_names_a_public_corpus_the_lm_stages_read():
-  import importlib.util
 
+  from rlhf_jax.experiments.config_files import load_module
   from rlhf_jax.experiments.stage_configs import lm_config, pm_config
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "paper_sweep.py")
-  spec = importlib.util.spec_from_file_location("paper_sweep", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_module(os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "paper_sweep.py")).get_config()
   lm = lm_config(config, "/tmp/sweep", "13m")
   assert lm.data.corpus.startswith("https://huggingface.co/") and "/resolve/main/" in lm.data.corpus
   corpus_sources.check(lm)  # a format it reads

@@ -2,7 +2,6 @@
 directory with the real config.json fields (benchmarks/scale_plan.py's PRETRAINED) and one shared
 tokenizer, no weights. The shapes are checked against the parameter counts the Qwen2.5 model cards
 publish, and both variants plan the sweep the study needs."""
-import importlib.util
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import sys
 import pytest
 
 from rlhf_jax.experiments import stage_configs, sweep
+from rlhf_jax.experiments.config_files import load_module
 from rlhf_jax.model.config import param_counts
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
@@ -24,11 +24,7 @@ MODEL_CARDS = {"qwen2.5-0.5b": (0.49, 0.36), "qwen2.5-1.5b": (1.54, 1.31), "qwen
 
 
 def _experiment():
-  spec = importlib.util.spec_from_file_location("pretrained_sweep", os.path.join(ROOT, "experiments",
-                                                                                 "pretrained_sweep.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(os.path.join(ROOT, "experiments", "pretrained_sweep.py"))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ LoRA on the PMs and the policy, one label budget of 8 pairs. About three minutes
 of it compiling a 30-layer model's steps.
 """
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ from test_faults import ENV
 from test_train_ppo import _raw_state
 
 from rlhf_jax.analysis.results import load_results
+from rlhf_jax.experiments.config_files import load_module
 from rlhf_jax.model import lora
 from rlhf_jax.training import adapters
 
@@ -25,10 +25,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
 
 def _experiment():
-  spec = importlib.util.spec_from_file_location("smollm2_cpu", os.path.join(ROOT, "experiments", "smollm2_cpu.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(os.path.join(ROOT, "experiments", "smollm2_cpu.py"))
 
 
 @pytest.fixture(scope="module")

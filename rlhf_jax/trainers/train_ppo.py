@@ -11,8 +11,9 @@ Each iteration: sample prompts, generate with the KV-cache sampler, score (polic
 log-probs, values, normalised PM reward, KL-penalised rewards, GAE), then epochs x minibatches of
 clipped PPO updates. Logged per iteration: PM reward (raw and normalised), KL(policy || initial)
 per sequence by the k1 estimator (see rlhf_jax.objectives.ppo) and its square root, entropy, losses, clip
-fractions, approximate KL between iterations, response length, lambda_KL and the reward-hacking
-monitors: the advantages' spread and the KL's growth since the previous iteration. Every
+fractions, approximate KL between iterations, response length, lambda_KL and the advantages'
+spread before whitening (a reward-hacking monitor; rlhf_jax.analysis.monitors reads the KL's growth
+rate off the evaluations). Every
 eval.every iterations, fixed held-out prompts with fixed sampling seeds are scored by the
 training PM and by every PM in eval.pm_dirs (e.g. a held-out "test PM").
 """
@@ -158,7 +159,6 @@ def train(config, workdir: str) -> dict[str, Any]:
   score, update = jit_ppo_steps(models, hyper, s.tx, mesh, s.shardings, policy0.shardings.params,
                                 pm.shardings.params, eoc_id=tok.eoc_id, frozen_shardings=trainables.frozen_shardings)
   norm = pm.normalisation
-  last_kl = []  # the previous iteration's KL (a device scalar) for its growth; none yet after a (re)start
 
   def step(state, position):
     batch = train_prompts.batch_at(position)
@@ -177,9 +177,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       kl_coef = jnp.where(jnp.isfinite(adapted), adapted, kl_coef)  # a NaN KL must not stick
     state = state.replace(step=state.step + 1, rng=next_rng, extra={"kl_coef": kl_coef},
                           data_position=state.data_position + n_prompts)
-    growth = {"kl_growth": metrics["kl"] - last_kl[0]} if last_kl else {}  # speeding up: a hacking warning
-    last_kl[:] = [metrics["kl"]]
-    return state, {**metrics, **update_metrics, **growth, "loss": update_metrics["policy_loss"]}
+    return state, {**metrics, **update_metrics, "loss": update_metrics["policy_loss"]}
 
   evaluate = policy_evaluator(policy0, pms, data.eval.in_order()[0], sample, tok, config.eval.seed)
   run_steps_evaluate = lambda params: evaluate(policy_params(params))
