@@ -330,6 +330,30 @@ def test_score_rollout_log_probs_are_the_samplers(setup):
   assert float(metrics["sampler_logp_gap_max"]) < 1e-4
 
 
+def test_advantage_spread_is_measured_before_whitening_and_within_groups(setup):
+  # PPO: GAE's returns are advantages + values, so the raw advantages are returns - values; the
+  # rollout's own advantages are whitened (std 1) and would say nothing.
+  state = setup.fresh()
+  batch = setup.prompts.batch_at(0)
+  gen = setup.sample(state.params["policy"], batch["tokens"], batch["attention_mask"],
+                     setup.commit(jax.random.PRNGKey(7)))
+  rollout, metrics = setup.score(state.params, setup.ref, {}, gen, state.extra["kl_coef"], *setup.norm)
+  m = np.asarray(gen.mask)
+  raw = (np.asarray(rollout["returns"], np.float64) - np.asarray(rollout["old_values"], np.float64))[m]
+  np.testing.assert_allclose(float(metrics["advantage_std"]), raw.std(), rtol=1e-4)
+  assert abs(raw.std() - 1.0) > 0.05  # not the whitened spread by accident
+  # GRPO: normalised advantages have std sqrt(3/4) in every group of 4; the monitor is the mean
+  # within-group std of the KL-penalised returns.
+  rng = np.random.default_rng(0)
+  rewards = rng.normal(0.0, 1.0, (8, 5)) * np.array([0.1, 0.1, 1.0, 1.0, 3.0, 3.0, 0.5, 0.5])[:, None]
+  mask = np.ones((8, 5), bool)
+  from rlhf_jax.trainers import ppo_steps
+  grpo = HYPER._replace(algorithm="grpo", samples_per_prompt=4)
+  _, _, spread = ppo_steps._advantages(jnp.asarray(rewards, jnp.float32), jnp.zeros((8, 5)), jnp.asarray(mask), grpo)
+  want = rewards.sum(axis=1).reshape(2, 4).std(axis=1).mean()
+  np.testing.assert_allclose(float(spread), want, rtol=1e-5)
+
+
 def test_a_sampler_that_differs_is_measured_and_its_tokens_reweighted(setup):
   """A sampler at temperature 2 draws from another distribution than the learner's, by
   construction: the gap is logged, and with TIS every token's surrogate is weighted by

@@ -147,18 +147,21 @@ def _sampler_gap(logp, gen, hyper: PPOHyper, rollout: dict) -> dict:
 
 
 def _advantages(rewards, values, mask, hyper: PPOHyper) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(advantages, returns) [batch, T] and the advantages' spread (std, before any whitening: a
-  reward-hacking monitor). GAE for PPO, spread over response tokens; for RLOO / GRPO the sequence's
-  group-relative advantage of its KL-penalised return on every one of its tokens, spread over
-  sequences (returns unused: no critic)."""
+  """(advantages, returns) [batch, T] and their spread (a reward-hacking monitor). PPO: GAE, and
+  the std of the advantages over response tokens before whitening. RLOO / GRPO: the sequence's
+  group-relative advantage of its KL-penalised return on every one of its tokens (returns unused:
+  no critic), and the mean within-group std of those returns, which GRPO's normalised advantages
+  would hide (their std is sqrt((k - 1) / k) whatever the rewards)."""
   if hyper.algorithm == "ppo":
     advantages, returns = ppo.gae_advantages(rewards, values, mask, hyper.gamma, hyper.lam)
     spread = jnp.sqrt(ppo.masked_mean((advantages - ppo.masked_mean(advantages, mask)) ** 2, mask))
     return (ppo.whiten(advantages, mask) if hyper.whiten_advantages else advantages), returns, spread
   batch = rewards.shape[0]
   group = jnp.arange(batch) // hyper.samples_per_prompt
-  seq_adv = critic_free.ADVANTAGES[hyper.algorithm](rewards.sum(axis=1), group, batch // hyper.samples_per_prompt)
-  return jnp.where(mask, seq_adv[:, None], 0.0), jnp.zeros_like(rewards), seq_adv.std()
+  seq_returns = rewards.sum(axis=1)
+  seq_adv = critic_free.ADVANTAGES[hyper.algorithm](seq_returns, group, batch // hyper.samples_per_prompt)
+  spread = seq_returns.reshape(-1, hyper.samples_per_prompt).std(axis=1).mean()  # rows i*k..i*k+k-1: one group
+  return jnp.where(mask, seq_adv[:, None], 0.0), jnp.zeros_like(rewards), spread
 
 
 def _policy_loss(logp, mb: dict[str, jax.Array], hyper: PPOHyper) -> tuple[jax.Array, dict]:
