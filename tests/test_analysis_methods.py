@@ -48,3 +48,14 @@ def test_table_compares_methods_at_the_kl_every_method_reached():
   fig = mf.frontier_figure(rows)
   assert [line.get_label() for line in fig.axes[0].get_lines()] == ["ppo", "grpo", "bon"]
   assert np.allclose(fig.axes[0].get_lines()[1].get_xdata(), [0.0, 1.0])
+
+
+def test_every_method_has_a_value_at_the_common_kl_even_an_ulp_from_its_own_end():
+  # The method that ends lowest sets the common KL; read back through sqrt_kl**2, its own last KL
+  # is an ulp below its logged kl (0.6073395013809204 here), and must not fall off its curve.
+  k = 0.6073395013809204
+  assert math.sqrt(k) ** 2 < k
+  rows = [_row("ppo", 0, 0.0, 0.0), _row("ppo", 1, 2.0, 2.0), _row("ipo", 0, 0.0, 0.0), _row("ipo", 1, k, 1.0)]
+  common = mf.common_kl(rows)["s"]
+  at = mf.gold_at_kl(rows, ks=(common,))
+  assert at[("s", "ipo")][common] == pytest.approx(1.0) and at[("s", "ppo")][common] == pytest.approx(k, rel=1e-12)
