@@ -59,6 +59,9 @@ def test_runs_are_told_apart_by_seed_and_beta_and_best_of_n_is_left_out():
   text = monitors.format_monitors(ms)
   assert "xs ppo seed 0 (step 4 of 8: 0.5 -> 0.2)" in text and "xs dpo beta=0.5 seed 0 (step 4 of 8" in text
   assert "xs ppo seed 1" not in text.split("\n\n")[-1].split("Gap:")[0]  # seed 1 only rises
+  # Per run over seeds: PPO peaks in 1 of its 2 seeds (falling 0.5 -> 0.2), each DPO beta in its one.
+  assert "Seeds whose gold reward peaks inside the run: xs ppo 1 of 2 (mean fall 0.3)" in text
+  assert "xs dpo beta=0.1 1 of 1 (mean fall 0.3)" in text
 
 
 def test_write_appends_to_scaling_md_and_writes_json(tmp_path):

@@ -68,13 +68,31 @@ def _pair(m: dict, field: str) -> str:
   return f"{_num(m.get(field + '_first'))} -> {_num(m.get(field + '_last'))}"
 
 
+def _run_name(m: dict) -> str:
+  return f"{m['size']} {m['method']}" + (f" beta={m['beta']:g}" if "beta" in m else "")
+
+
+def _peaks_by_run(monitors: Sequence[dict]) -> dict[str, tuple[int, int, float]]:
+  """run name -> (seeds peaking inside, seeds, mean fall from peak to last over those seeds), for
+  the runs where some seed peaks inside."""
+  seeds = {}
+  for m in monitors:
+    seeds.setdefault(_run_name(m), []).append(m)
+  out = {}
+  for name, ms in seeds.items():
+    falls = [m["gold_at_peak"] - m["gold_at_last"] for m in ms if m["gold_peaks_inside"]]
+    if falls:
+      out[name] = (len(falls), len(ms), float(np.mean(falls)))
+  return out
+
+
 def format_monitors(monitors: Sequence[dict]) -> str:
   """The Markdown section scaling.md ends with: a table per run and the peaks stated in words."""
   lines = ["## Reward-hacking monitors", "",
            "| size | method | seed | gold peaks at step (of) | gap widens from step | KL rate per step, first -> last "
            "| entropy | response length | advantage std |", "|" + "---|" * 9]
   for m in monitors:
-    method = m["method"] + (f" beta={m['beta']:g}" if "beta" in m else "")
+    method = _run_name(m).split(" ", 1)[1]
     widen = "-" if m["gap_widens_from"] is None else str(m["gap_widens_from"])
     lines.append(f"| {m['size']} | {method} | {m['seed']} | {m['gold_peak_step']} ({m['last_step']}) | {widen} "
                  f"| {_pair(m, 'kl_rate')} | {_pair(m, 'entropy')} | {_pair(m, 'response_length')} "
@@ -85,9 +103,11 @@ def format_monitors(monitors: Sequence[dict]) -> str:
     lines.append("No trained runs to monitor.")
   elif inside:
     lines.append("Gold reward peaks inside the run, then falls, for: " + "; ".join(
-        f"{m['size']} {m['method']}{' beta=%g' % m['beta'] if 'beta' in m else ''} seed {m['seed']} "
+        f"{_run_name(m)} seed {m['seed']} "
         f"(step {m['gold_peak_step']} of {m['last_step']}: {m['gold_at_peak']:.4g} -> {m['gold_at_last']:.4g})"
         for m in inside) + ".")
+    lines.append("Seeds whose gold reward peaks inside the run: " + "; ".join(
+        f"{name} {k} of {n} (mean fall {fall:.3g})" for name, (k, n, fall) in _peaks_by_run(monitors).items()) + ".")
   else:
     lines.append("Gold reward peaks inside no run: every run has it highest at its last evaluation.")
   lines.append("Gap: proxy minus gold normalised reward; it widens from the step where it is smallest "
