@@ -38,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.labels = ml_collections.ConfigDict({"num_pairs": 50000, "policy": "", "max_new_tokens": 0,
                                         "temperature": 1.0, "batch_size": 512, "seed": 0})
   c.rl = ml_collections.ConfigDict({"train": {"eval_every": 25}})
-  c.bon = ml_collections.ConfigDict({"ns": (1, 2, 4, 8, 16, 32, 64, 128, 256), "num_prompts": 256, "seed": 0})
+  # kl_reference: 256 more samples per prompt measure best-of-N's KL (its bound is kept beside it).
+  c.bon = ml_collections.ConfigDict({"ns": (1, 2, 4, 8, 16, 32, 64, 128, 256), "num_prompts": 256, "seed": 0,
+                                     "kl_reference": 256})
   c.seeds = (0, 1, 2)  # proxy PM, RL, DPO and best-of-N per seed: 95% bootstrap intervals in every table
   # Every method on one frontier: RLOO / GRPO with the rl settings and 4 samples of each of 128
   # prompts per iteration (PPO's 512 sequences); DPO, IPO and SLiC on the proxy PMs' 50k

@@ -27,5 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   # along training (Rafailov et al. 2024).
   c.dpo.betas = (0.1,)
   c.dpo.train = {"steps": 80, "batch_size": 16, "seq_len": 64, "eval_every": 10, "checkpoint_every": 40}
+  # Best-of-N's KL measured (64 more samples per prompt for the reward CDF), beside its bound.
+  c.bon.kl_reference = 64
   c.workdir = "runs/trust_tiny"
   return c

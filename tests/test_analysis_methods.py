@@ -48,6 +48,12 @@ def test_table_compares_methods_at_the_kl_every_method_reached():
   fig = mf.frontier_figure(rows)
   assert [line.get_label() for line in fig.axes[0].get_lines()] == ["ppo", "grpo", "bon"]
   assert np.allclose(fig.axes[0].get_lines()[1].get_xdata(), [0.0, 1.0])
+  # Best-of-N with a measured KL: drawn at it, and again at its bound.
+  measured = [r if r["method"] != "bon" else {**r, "kl_bound": math.log(r["step"]) - (r["step"] - 1) / r["step"],
+                                              "kl_measured": r["kl"]} for r in rows]
+  lines = {line.get_label(): line for line in mf.frontier_figure(measured).axes[0].get_lines()}
+  assert np.allclose(lines["bon"].get_xdata(), [0.0, math.sqrt(0.5)])
+  assert np.allclose(lines["bon at KL bound"].get_xdata(), [0.0, math.sqrt(math.log(4) - 0.75)])
 
 
 def test_every_method_has_a_value_at_the_common_kl_even_an_ulp_from_its_own_end():

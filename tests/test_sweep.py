@@ -12,7 +12,8 @@ from conftest import micro_sweep_config
 
 from rlhf_jax.analysis.results import load_results
 from rlhf_jax.data.sequence_start import SequenceStart
-from rlhf_jax.experiments import stage_configs, stages, sweep
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.experiments import stage_configs, stages, sweep, sweep_results
 from rlhf_jax.experiments.config_files import load_module
 from rlhf_jax.model.config import param_counts
 from rlhf_jax.training import metrics
@@ -301,7 +302,9 @@ def test_direct_alignment_losses_are_methods_measured_along_training_with_the_mo
   # The finished micro sweep, copied, rerun with IPO and SLiC too: only their stages run.
   workdir = str(tmp_path / "direct")
   shutil.copytree(micro_sweep_dir, workdir)
-  c = micro_sweep_config(methods=("ppo", "rloo", "grpo", "dpo", "ipo", "slic"))
+  shutil.rmtree(os.path.join(workdir, "bon_xs"))  # rerun with its KL measured too
+  bon = {"ns": (1, 2, 4), "num_prompts": 8, "seed": 0, "kl_reference": 16}
+  c = micro_sweep_config(methods=("ppo", "rloo", "grpo", "dpo", "ipo", "slic"), bon=bon)
   names = [s.name for s in sweep.plan(c, workdir)]
   assert names.index("dpo_xs_beta0.1") + 1 == names.index("ipo_xs_beta0.1") == names.index("slic_xs_beta0.1") - 1
   sweep.run_sweep(c, workdir)
@@ -333,6 +336,19 @@ def test_direct_alignment_losses_are_methods_measured_along_training_with_the_mo
   assert mon[("slic", 0.1)]["gold_peak_step"] == slic[best]["step"]
   with open(os.path.join(workdir, "analysis", "scaling.md")) as f:
     assert "## Reward-hacking monitors" in f.read()
+  # Best-of-N's measured KL is its axis, the bound beside it; best-of-1 stays the shared KL = 0.
+  with open(os.path.join(workdir, "bon_xs", "best_of_n.jsonl")) as f:
+    logged = {b["n"]: b for b in map(json.loads, f)}
+  bon_rows = [r for r in rows if r["method"] == "bon"]
+  assert [r["step"] for r in bon_rows] == [1, 2, 4] and bon_rows[0]["kl"] == 0.0
+  for r in bon_rows:
+    assert r["kl"] == r["kl_measured"] == logged[r["step"]]["kl_measured"]
+    assert r["kl_bound"] == pytest.approx(math.log(r["step"]) - (r["step"] - 1) / r["step"], abs=1e-12)
+  analytic = sweep_results.collect_results(micro_sweep_config(methods=c.methods, bon={**bon, "kl": "analytic"}),
+                                           workdir)
+  assert [r["kl"] for r in analytic if r["method"] == "bon"] == [r["kl_bound"] for r in bon_rows]
+  with pytest.raises(ConfigError, match="bon.kl='exact'"):
+    sweep_results.collect_results(micro_sweep_config(methods=c.methods, bon={**bon, "kl": "exact"}), workdir)
 
 
 def test_every_stage_records_the_directory_it_ran_in(micro_sweep_dir):

@@ -88,6 +88,16 @@ def format_table(rows: Sequence[dict], fits: Sequence[dict], ks: Sequence[float]
   return "\n".join(lines)
 
 
+def _bon_bound(ax, rows: Sequence[dict], size: str) -> None:
+  """Where best-of-N's KL was measured, the same points at its analytic bound, for comparison."""
+  bound = [r for r in rows if r["size"] == size and r["method"] == "bon" and "kl_bound" in r]
+  if bound:
+    ns = sorted({r["step"] for r in bound})
+    mean = lambda n, f: float(np.mean([r[f] for r in bound if r["step"] == n]))
+    ax.plot([math.sqrt(mean(n, "kl_bound")) for n in ns], [mean(n, "gold_reward") for n in ns], color="tab:grey",
+            linestyle=":", marker="s", markersize=2, alpha=0.6, label="bon at KL bound")
+
+
 def frontier_figure(rows: Sequence[dict]):
   """One panel per size: every method's gold reward against sqrt(KL) (with several seeds, their
   means in a band of the 95% interval over seeds)."""
@@ -106,6 +116,7 @@ def frontier_figure(rows: Sequence[dict]):
         ax.plot(c["sqrt_kl"][pick], c["gold_reward"][pick], color=colour, marker=marker, markersize=3,
                 linestyle=ls, alpha=1.0 if j == 0 else 0.6, label=method if j == 0 else None)
         scaling_figures.band(ax, c, "gold_reward", colour, pick)
+    _bon_bound(ax, rows, size)
     ax.set_title(f"size {size}")
     ax.set_xlabel("sqrt(KL(policy || initial)) [sqrt nats]")
     ax.grid(alpha=0.3)

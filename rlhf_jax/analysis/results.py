@@ -30,6 +30,9 @@ _FLOAT_FIELDS = ("kl", "sqrt_kl", "proxy_reward", "gold_reward")
 _MONITOR_FIELDS = ("entropy", "response_length", "advantage_std")  # optional: rlhf_jax.analysis.monitors
 
 
+_BON_KL_FIELDS = ("kl_bound", "kl_measured")  # optional: best-of-N's bound beside its measured KL
+
+
 _SOURCE_FIELDS = ("source", "source_hash")  # the checkpoint of a size that is one, and its content hash
 
 
@@ -49,7 +52,7 @@ def _check_row(row, where: str) -> dict:
   for field in _INT_FIELDS:  # bool is an int subclass; true/false is never a count
     if not isinstance(row.get(field), int) or isinstance(row[field], bool) or row[field] < 0:
       raise bad(field, f"missing or not a non-negative integer: {row.get(field)!r}")
-  for field in (*_FLOAT_FIELDS, *(f for f in _MONITOR_FIELDS if f in row)):
+  for field in (*_FLOAT_FIELDS, *(f for f in (*_MONITOR_FIELDS, *_BON_KL_FIELDS) if f in row)):
     v = row.get(field)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
       raise bad(field, f"missing or not a finite number: {v!r}")

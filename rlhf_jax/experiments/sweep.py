@@ -216,7 +216,7 @@ def _bon_stage(config, workdir: str, name: str, seed: int = 0) -> Stage:
     rows = best_of_n(policy, _frozen(rl.pm_dir, mesh, True), extra, prompts, list(bon.ns),
                      jax.random.PRNGKey(bon.seed + seed), max_new_tokens=rl.sampling.max_new_tokens,
                      temperature=rl.sampling.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id, eoc_id=tok.eoc_id,
-                     first=first)
+                     first=first, kl_reference=int(bon.get("kl_reference", 0)))
     if hosts.is_lead():
       write_jsonl(storage.join(d, "best_of_n.jsonl"), rows)
     return {"max_n": max(bon.ns)}

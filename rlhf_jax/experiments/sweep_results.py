@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from rlhf_jax import storage
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.experiments import checkpoint_sizes
 from rlhf_jax.experiments.stage_configs import (
   DIRECT_METHODS,
@@ -61,7 +62,19 @@ def collect_results(config, workdir: str) -> list[dict]:
         rows += evaluated_points(storage.join(workdir, seeded(f"{method}_{name}", seed)),
                                  {**base, "method": method}, gold_key)
     for b in read_jsonl(storage.join(workdir, seeded(f"bon_{name}", seed), "best_of_n.jsonl")):
-      rows.append({**base, "method": "bon", "step": int(b["n"]), "kl": float(b["kl"]),
-                   "sqrt_kl": float(b["sqrt_kl"]), "proxy_reward": float(b["proxy_reward"]),
-                   "gold_reward": float(b[gold_key])})
+      rows.append({**base, "method": "bon", "step": int(b["n"]), **_bon_kl(config, b),
+                   "proxy_reward": float(b["proxy_reward"]), "gold_reward": float(b[gold_key])})
   return rows
+
+
+def _bon_kl(config, b: dict) -> dict:
+  """Best-of-N's KL on the axis: the measured one where the stage measured it (bon.kl_reference
+  > 0), unless config.bon.kl = "analytic"; the bound log N - (N - 1) / N is kept as kl_bound."""
+  if "kl_measured" not in b:
+    return {"kl": float(b["kl"]), "sqrt_kl": float(b["sqrt_kl"])}
+  choice = config.bon.get("kl", "measured")
+  if choice not in ("measured", "analytic"):
+    raise ConfigError(f"bon.kl={choice!r}: expected 'measured' or 'analytic'")
+  kl = float(b["kl_measured"]) if choice == "measured" else float(b["kl"])
+  return {"kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)), "kl_bound": float(b["kl"]),
+          "kl_measured": float(b["kl_measured"])}

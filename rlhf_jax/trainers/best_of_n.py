@@ -26,31 +26,73 @@ from rlhf_jax.training import sharding as shd
 
 
 def analytic_kl(n: int) -> float:
+  """KL(best-of-n || base) for a continuous reward; for discrete outputs an upper bound (Beirami
+  et al. 2024)."""
   return math.log(n) - (n - 1) / n
+
+
+def measured_kl(proxy: np.ndarray, logp: np.ndarray, reference: np.ndarray, n: int) -> float:
+  """KL(best-of-n || base) estimated where outputs are discrete. proxy, logp [prompts, >= n]: the
+  selecting PM's scores and the base policy's sequence log-probs of the samples best-of-n chooses
+  among; reference [prompts, M]: scores of M further samples, independent of those.
+
+  Best-of-n's probability of y over the base's is w(y) = ((F + p)^n - F^n) / p, with p = pi(y)
+  (taking distinct outputs to have distinct rewards; identical ones share p) and F = P(r < r(y)).
+  F is read as 1 - p - P(r > r(y)), the upper tail from the reference samples: exact for the top
+  output, where best-of-n puts its mass (the lower tail estimated from the choosing samples
+  themselves is biased by the choice). KL = E over best-of-n of log w, averaged over prompts. For
+  outputs of negligible probability, w -> n F^(n-1), whose mean log is the bound."""
+  if n == 1:
+    return 0.0
+  rows = np.arange(proxy.shape[0])
+  best = proxy[:, :n].argmax(axis=1)
+  r, lp = proxy[rows, best], np.minimum(logp[rows, best].astype(np.float64), 0.0)
+  p = np.exp(lp)
+  f = np.clip(1.0 - p - (reference > r[:, None]).mean(axis=1), 0.0, None)
+  with np.errstate(divide="ignore"):
+    log_f = np.log(f)
+  u = lp - log_f  # log(p / F); with F = 0 the output is the lowest seen: w = p^(n-1)
+  a = n * np.logaddexp(0.0, np.minimum(u, 700.0))  # n log(1 + p / F)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    log_w = np.where(u < -30.0, math.log(n) + (n - 1) * log_f,  # p << F: the continuous limit
+                     n * log_f + a + np.log(-np.expm1(-a)) - lp)
+  log_w = np.where(f > 0.0, log_w, (n - 1) * lp)
+  return float(log_w.mean())
 
 
 def best_of_n(policy, pm, extra_pms: dict, prompts: dict, ns: Sequence[int], rng: jax.Array, *,
               max_new_tokens: int, temperature: float, eos_id: int, pad_id: int, eoc_id: int,
-              first=None) -> list[dict]:
+              first=None, kl_reference: int = 0) -> list[dict]:
   """policy / pm / extra_pms: objects with .model, .params (and .normalisation for PMs), e.g.
   rlhf_jax.training.saved_runs.FrozenModel. prompts: {'tokens', 'attention_mask'} [num_prompts, P].
 
   max(ns) samples are drawn per prompt once; best-of-n uses the first n of them, so the curve
   over n is nested (less noisy than independent draws per n) and costs one generation. first
   (a Generation, one sample per prompt) is each prompt's sample 0: given the RL evaluation's own
-  samples of the initial policy, best-of-1 is the RL curves' KL = 0 point exactly."""
+  samples of the initial policy, best-of-1 is the RL curves' KL = 0 point exactly. kl_reference
+  > 0 draws that many more samples per prompt, scored by pm alone, and adds each n's measured KL
+  (measured_kl) as kl_measured."""
   n_max = max(ns)
-  scores = sample_scores(policy, {"_selector": pm, **extra_pms}, prompts, n_max, rng, max_new_tokens=max_new_tokens,
-                         temperature=temperature, eos_id=eos_id, pad_id=pad_id, eoc_id=eoc_id, first=first)
+  sample_rng, reference_rng = jax.random.split(rng)
+  kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id, pad_id=pad_id, eoc_id=eoc_id)
+  scores = sample_scores(policy, {"_selector": pm, **extra_pms}, prompts, n_max,
+                         sample_rng if kl_reference else rng, first=first, with_logp=bool(kl_reference), **kw)
   norm = lambda name, frozen: (scores[name] - frozen.normalisation["mean"]) / frozen.normalisation["std"]
-  return select_best(norm("_selector", pm), {name: norm(name, f) for name, f in extra_pms.items()}, ns)
+  rows = select_best(norm("_selector", pm), {name: norm(name, f) for name, f in extra_pms.items()}, ns)
+  if kl_reference:
+    reference = sample_scores(policy, {"_selector": pm}, prompts, kl_reference, reference_rng, **kw)["_selector"]
+    for row in rows:
+      row["kl_measured"] = measured_kl(scores["_selector"], scores["_logp"], reference, row["n"])
+  return rows
 
 
 def sample_scores(policy, pms: dict, prompts: dict, n: int, rng: jax.Array, *, max_new_tokens: int,
-                  temperature: float, eos_id: int, pad_id: int, eoc_id: int, first=None) -> dict[str, np.ndarray]:
+                  temperature: float, eos_id: int, pad_id: int, eoc_id: int, first=None,
+                  with_logp: bool = False) -> dict[str, np.ndarray]:
   """n samples per prompt from policy, scored by every PM: {name: raw scores [num_prompts, n]}
   (float64, gathered to every host). first: a Generation of one sample per prompt to use as
-  sample 0 (n - 1 more are drawn)."""
+  sample 0 (n - 1 more are drawn). with_logp adds "_logp": each sample's log-probability under
+  the sampling distribution, summed over its tokens."""
   drawn = n - (first is not None)
   gens = [] if first is None else [first]
   if drawn:
@@ -63,6 +105,9 @@ def sample_scores(policy, pms: dict, prompts: dict, n: int, rng: jax.Array, *, m
     parts = [shd.to_host(pm_score(frozen.model, frozen.params, g.prompt_tokens, g.prompt_mask, g.tokens, g.mask,
                                   eoc_id)).astype(np.float64).reshape(prompts["tokens"].shape[0], -1) for g in gens]
     out[name] = np.concatenate(parts, axis=1)
+  if with_logp:
+    out["_logp"] = np.concatenate([shd.to_host((g.log_probs * g.mask).sum(axis=1)).astype(np.float64).reshape(
+        prompts["tokens"].shape[0], -1) for g in gens], axis=1)
   return out
 
 
