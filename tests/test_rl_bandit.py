@@ -121,7 +121,7 @@ def test_rl_methods_learn_the_marker(initial, algorithm):
   for i in range(ITERS):
     rollout = _rollout(params, ref, jax.random.PRNGKey(i))
     values = jnp.zeros_like(rollout["rewards"])  # unused by RLOO / GRPO: no critic
-    advantages, _ = _advantages(rollout["rewards"], values, rollout["response_mask"], hyper)
+    advantages, _, _ = _advantages(rollout["rewards"], values, rollout["response_mask"], hyper)
     assert np.all(np.asarray(advantages)[~np.asarray(rollout["response_mask"])] == 0.0)
     if algorithm == "dapo":  # dynamic sampling, as ppo_steps.score_rollout does it
       live = critic_free.live_groups(rollout["score"], jnp.arange(BATCH) // GROUP, BATCH // GROUP)
