@@ -51,7 +51,7 @@ smollm2: setup
 	$(PY) -m rlhf_jax sweep --config=experiments/smollm2_cpu.py
 
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: setup
 	$(PY) benchmarks/bench_model.py --preset=$(PRESET)

@@ -13,6 +13,60 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 
+def pytest_configure(config):
+  """One XLA persistent compilation cache for the session, its xdist workers and the subprocesses
+  its tests launch (inherited through the environment): a resumed, relaunched or rerun job compiles
+  the programs an earlier one already did, and a loaded executable computes what a fresh compile
+  does, bitwise (tests/test_stages.py). A cache the caller names is kept as it is."""
+  if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import tempfile
+  config._rlhf_jax_cache = tempfile.mkdtemp(prefix="rlhf_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = config._rlhf_jax_cache
+  # Most programs of the tiny models compile in well under a second: caching every one costs
+  # more in writes than the rare reload saves.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+  # A size limit turns on the cache's file lock: workers and subprocesses write entries at once.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
+
+def pytest_unconfigure(config):
+  import shutil
+  if getattr(config, "_rlhf_jax_cache", None):
+    shutil.rmtree(config._rlhf_jax_cache, ignore_errors=True)
+
+
+# The slowest modules first (their wall seconds on 2 cores, measured with --durations): under
+# `--dist loadfile` a worker takes a whole module at a time, and a long one started last is the
+# suite's tail.
+_SLOW_MODULES = ("test_bucket_sweep", "test_faults", "test_sweep", "test_lora", "test_online", "test_smollm2_cpu",
+                 "test_evaluate", "test_sweep_checkpoints", "test_notebook", "test_storage_runs", "test_pm",
+                 "test_train_ppo", "test_sharding")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_SLOW_MODULES)}
+  items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable
+
+
+def shared_across_workers(tmp_path_factory, name: str, build) -> str:
+  """A directory `build(path)` fills once per test session, however many xdist workers ask for it:
+  the first builds it under a file lock, the others wait and reuse it. Tests only read it."""
+  from filelock import FileLock
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's directory, above each worker's own
+  path, built = root / name, root / f"{name}.built"
+  with FileLock(str(root / f"{name}.lock")):
+    if not built.exists():
+      if path.exists():  # a worker failed while building it: start again
+        import shutil
+        shutil.rmtree(path)
+      path.mkdir()
+      build(str(path))
+      built.touch()
+  return str(path)
+
 
 def small_run_config(config, steps: int, max_examples: int):
   """An LM / PM config shrunk for an in-process test run on all 8 fake devices (FSDP)."""
@@ -72,9 +126,7 @@ def micro_sweep_config(**changes):
 def micro_sweep_dir(tmp_path_factory):
   """A whole micro sweep, run once per test session (the sweep and notebook tests share it)."""
   from rlhf_jax.experiments.sweep import run_sweep
-  workdir = str(tmp_path_factory.mktemp("micro_sweep"))
-  run_sweep(micro_sweep_config(), workdir)
-  return workdir
+  return shared_across_workers(tmp_path_factory, "micro_sweep", lambda workdir: run_sweep(micro_sweep_config(), workdir))
 
 
 @pytest.fixture(scope="session")
@@ -86,13 +138,14 @@ def tiny_runs(tmp_path_factory):
   from configs import lm as lm_config
   from configs import pm as pm_config
   from rlhf_jax.trainers import train_lm, train_pm
-  root = tmp_path_factory.mktemp("tiny_runs")
-  lm, pm = str(root / "lm"), str(root / "pm")
-  train_lm.train(small_run_config(lm_config.get_config("tiny"), 3, max_examples=120), lm)
-  config = small_run_config(pm_config.get_config("tiny"), 3, max_examples=120)
-  config.init_from = lm
-  train_pm.train(config, pm)
-  return lm, pm
+
+  def build(root):
+    train_lm.train(small_run_config(lm_config.get_config("tiny"), 3, max_examples=120), os.path.join(root, "lm"))
+    config = small_run_config(pm_config.get_config("tiny"), 3, max_examples=120)
+    config.init_from = os.path.join(root, "lm")
+    train_pm.train(config, os.path.join(root, "pm"))
+  root = shared_across_workers(tmp_path_factory, "tiny_runs", build)
+  return os.path.join(root, "lm"), os.path.join(root, "pm")
 
 
 def micro_online_config(**changes):
@@ -116,11 +169,12 @@ def micro_online_dir(micro_sweep_dir, tmp_path_factory):
   import shutil
 
   from rlhf_jax.experiments import online
-  workdir = str(tmp_path_factory.mktemp("micro_online"))
-  for name in ("tokenizer", "lm_xs", "lm_gold", "sft_xs", "pm_gold", "tfds"):
-    shutil.copytree(os.path.join(micro_sweep_dir, name), os.path.join(workdir, name))
-  online.run_online(micro_online_config(), workdir)
-  return workdir
+
+  def build(workdir):
+    for name in ("tokenizer", "lm_xs", "lm_gold", "sft_xs", "pm_gold", "tfds"):
+      shutil.copytree(os.path.join(micro_sweep_dir, name), os.path.join(workdir, name))
+    online.run_online(micro_online_config(), workdir)
+  return shared_across_workers(tmp_path_factory, "micro_online", build)
 
 
 @pytest.fixture(scope="session")

@@ -213,17 +213,19 @@ def test_micro_sweep_collects_every_point(micro_sweep_dir):
     assert os.path.getsize(os.path.join(micro_sweep_dir, "analysis", name)) > 0
 
 
-def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_dir, capsys):
-  before = {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, stages.STAGE_DONE))
-            for d in os.listdir(micro_sweep_dir) if os.path.exists(os.path.join(micro_sweep_dir, d, stages.STAGE_DONE))}
+def test_rerun_skips_finished_stages_and_other_settings_are_refused(micro_sweep_dir, tmp_path, capsys):
+  workdir = str(tmp_path / "sweep")  # a copy (mtimes kept): other tests read the shared sweep meanwhile
+  shutil.copytree(micro_sweep_dir, workdir)
+  before = {d: os.path.getmtime(os.path.join(workdir, d, stages.STAGE_DONE))
+            for d in os.listdir(workdir) if os.path.exists(os.path.join(workdir, d, stages.STAGE_DONE))}
   assert len(before) == 13
-  sweep.run_sweep(micro_sweep_config(), micro_sweep_dir)
+  sweep.run_sweep(micro_sweep_config(), workdir)
   assert capsys.readouterr().out.count("skipped") == 13
-  assert before == {d: os.path.getmtime(os.path.join(micro_sweep_dir, d, stages.STAGE_DONE)) for d in before}
+  assert before == {d: os.path.getmtime(os.path.join(workdir, d, stages.STAGE_DONE)) for d in before}
   changed = micro_sweep_config()
   changed.rl.kl = {"coef": 0.5}
   with pytest.raises(ValueError, match=r"ppo_xs finished with other settings: kl.coef 0.001 -> 0.5"):
-    sweep.run_sweep(changed, micro_sweep_dir)
+    sweep.run_sweep(changed, workdir)
 
 
 def test_killed_sweep_resumes_to_the_uninterrupted_results(micro_sweep_dir, tmp_path, monkeypatch, capsys):

@@ -34,6 +34,7 @@ from rlhf_jax import hosts, storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.training import cli
 from rlhf_jax.training.checkpointing import Checkpointer
+from rlhf_jax.training.compile_clock import CompileClock
 
 STAGE_DONE = "stage_done.json"
 STALE_DIR = "stale_stages"  # <workdir>/stale_stages/<stage>-<time>: invalidated stages, moved aside, not deleted
@@ -239,20 +240,22 @@ def _move_aside(workdir: str, names: list[str]) -> None:
   barrier("stale stages moved aside")
 
 
-def _run_one(stage: Stage, workdir: str) -> float:
-  """Runs the stage, then writes its stage_done.json (last, so a killed run never looks finished)."""
+def _run_one(stage: Stage, workdir: str) -> tuple[float, dict]:
+  """Runs the stage, then writes its stage_done.json (last, so a killed run never looks finished).
+  Returns its seconds and what went to compiling (CompileClock.record)."""
   stage_dir = storage.join(workdir, stage.name)
   storage.makedirs(stage_dir)
-  t0 = time.perf_counter()
-  summary = stage.run(stage_dir)
+  t0, clock = time.perf_counter(), CompileClock()
+  with clock.measuring():
+    summary = stage.run(stage_dir)
   seconds = time.perf_counter() - t0
   if hosts.is_lead():
     record = {"settings": portable(stage.settings, workdir), "summary": portable(summary, workdir),
-              "seconds": seconds, "run_id": uuid.uuid4().hex,
+              "seconds": seconds, "compile": clock.record(), "run_id": uuid.uuid4().hex,
               "inputs": {name: fingerprint(storage.join(workdir, name)) for name in stage.inputs}}
     storage.write_atomic(storage.join(stage_dir, STAGE_DONE), json.dumps(record, indent=2))
   barrier(stage.name)
-  return seconds
+  return seconds, clock.record()
 
 
 def run_stages(stages: list[Stage], workdir: str, *, stop_after: str = "") -> dict[str, float]:
@@ -276,8 +279,9 @@ def run_stages(stages: list[Stage], workdir: str, *, stop_after: str = "") -> di
       timings[stage.name] = done["seconds"]
     else:
       print(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
-      timings[stage.name] = _run_one(stage, workdir)
-      print(f"[{i}/{len(stages)}] {stage.name}: {timings[stage.name]:.0f} s", flush=True)
+      timings[stage.name], compiled = _run_one(stage, workdir)
+      print(f"[{i}/{len(stages)}] {stage.name}: {timings[stage.name]:.0f} s (compiling "
+            f"{compiled['compile_seconds']:.0f} s, {compiled['programs']} programs)", flush=True)
     if stage.name == stop_after:
       break
   return timings

@@ -27,6 +27,30 @@ def make_sampler(sampling, model: Transformer, tok: Tokenizer) -> Callable:
                            eos_id=tok.eos_id, pad_id=tok.pad_id)
 
 
+@functools.partial(jax.jit, static_argnames=("policy_model", "pm_models", "eoc_id"))
+def _measure(params, ref_params, pm_params: dict, pm_normalisation: dict, gen, *, policy_model: Transformer,
+             pm_models: tuple, eoc_id: int) -> dict:
+  """Every figure of one evaluation as device scalars, in one program per shape that every stage of
+  a size shares (op by op, the first evaluation of each size compiled about 150 small programs)."""
+  tokens = jnp.concatenate([gen.prompt_tokens, gen.tokens], axis=1)
+  mask = jnp.concatenate([gen.prompt_mask, gen.mask], axis=1)
+  p = gen.prompt_tokens.shape[1]
+
+  def logp(model_params):
+    logits = policy_model.apply({"params": model_params}, tokens, attention_mask=mask).logits[:, p - 1:-1]
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(lp, gen.tokens[..., None], axis=-1)[..., 0], logits
+
+  (policy_logp, logits), (ref_logp, _) = logp(params), logp(ref_params)
+  out = {"kl": ppo.sequence_kl(policy_logp, ref_logp, gen.mask).mean(),
+         "length": gen.mask.sum(axis=1).mean(), "entropy": ppo.entropy(logits, gen.mask)}
+  for name, pm_model in pm_models:
+    raw = pm_score(pm_model, pm_params[name], gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask, eoc_id)
+    n = pm_normalisation[name]
+    out[name] = (((raw - n["mean"]) / n["std"]).mean(), raw.mean())
+  return out
+
+
 def policy_evaluator(policy0: FrozenModel, eval_pms: dict[str, FrozenModel], prompts: dict, sample: Callable,
                      tok: Tokenizer, seed: int) -> Callable[[Any], dict]:
   """evaluate(policy_params) -> {eval_kl, eval_sqrt_kl, eval_<pm>_reward[_raw], eval_gap_<pm>,
@@ -36,28 +60,19 @@ def policy_evaluator(policy0: FrozenModel, eval_pms: dict[str, FrozenModel], pro
   the policy's mean per-token entropy over its samples. Every method of the
   sweep (PPO, RLOO, GRPO, DPO) is measured by this one function."""
 
+  pm_models = tuple((name, pm.model) for name, pm in eval_pms.items())
+
   def evaluate(params):
     gen = sample(params, prompts["tokens"], prompts["attention_mask"], jax.random.PRNGKey(seed))
-    tokens = jnp.concatenate([gen.prompt_tokens, gen.tokens], axis=1)
-    mask = jnp.concatenate([gen.prompt_mask, gen.mask], axis=1)
-    p = gen.prompt_tokens.shape[1]
-
-    def logp(model_params):
-      logits = policy0.model.apply({"params": model_params}, tokens, attention_mask=mask).logits[:, p - 1:-1]
-      lp = jax.nn.log_softmax(logits, axis=-1)
-      return jnp.take_along_axis(lp, gen.tokens[..., None], axis=-1)[..., 0], logits
-
-    (policy_logp, logits), (ref_logp, _) = logp(params), logp(policy0.params)
-    kl = float(ppo.sequence_kl(policy_logp, ref_logp, gen.mask).mean())
+    m = jax.device_get(_measure(params, policy0.params, {name: pm.params for name, pm in eval_pms.items()},
+                                {name: {k: pm.normalisation[k] for k in ("mean", "std")} for name, pm in eval_pms.items()},
+                                gen,
+                                policy_model=policy0.model, pm_models=pm_models, eoc_id=tok.eoc_id))
+    kl = float(m["kl"])
     out = {"eval_kl": kl, "eval_sqrt_kl": float(np.sqrt(max(kl, 0.0))),
-           "eval_response_length": float(gen.mask.sum(axis=1).mean()),
-           "eval_entropy": float(ppo.entropy(logits, gen.mask))}
-    for name, frozen in eval_pms.items():
-      raw = pm_score(frozen.model, frozen.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens, gen.mask,
-                     tok.eoc_id)
-      n = frozen.normalisation
-      out[f"eval_{name}_reward"] = float(((raw - n["mean"]) / n["std"]).mean())
-      out[f"eval_{name}_reward_raw"] = float(raw.mean())
+           "eval_response_length": float(m["length"]), "eval_entropy": float(m["entropy"])}
+    for name in eval_pms:
+      out[f"eval_{name}_reward"], out[f"eval_{name}_reward_raw"] = float(m[name][0]), float(m[name][1])
       if name != "pm" and "eval_pm_reward" in out:  # proxy minus this PM: over-optimisation shows as a gap that widens
         out[f"eval_gap_{name}"] = out["eval_pm_reward"] - out[f"eval_{name}_reward"]
     return out
