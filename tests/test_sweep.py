@@ -162,7 +162,7 @@ def test_gold_labels_prefer_the_higher_gold_score_and_count_ties(monkeypatch):
     scored.extend(texts)
     return np.array([t.count("z") + 0.01 * len(t) for t in texts])
 
-  monkeypatch.setattr(sweep, "pm_score", fake_pm_score)
+  monkeypatch.setattr(sweep, "pm_score_jitted", fake_pm_score)
   prompts = ["abc", "hello", "xyz"]
   gold = type("G", (), {"model": None, "params": None})()
   records, report = sweep.gold_labels(policy, gold, tok, prompts, num_pairs=40, prompt_len=8,

@@ -71,12 +71,12 @@ def format_table(rows: Sequence[dict], fits: Sequence[dict], ks: Sequence[float]
   head = ["size", "method", "seeds", "common KL", "gold @ common KL", *(f"gold @ KL={k:g}" for k in reached),
           "max KL", "Gao alpha", "Gao beta"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  cell = lambda v: "-" if np.isnan(v).any() else format_interval(bootstrap_mean(v), scaling_tables._cell)
+  cell = lambda v: "-" if np.isnan(v).any() else format_interval(bootstrap_mean(v), scaling_tables.number_cell)
   for (size, method), values in at.items():
     f = fit_of.get((size, method), {})
     k = common[size]
-    cells = [size, method, str(len(values[k])), scaling_tables._cell(k), cell(values[k]),
-             *(cell(values[b]) for b in reached), scaling_tables._cell(max_kl[(size, method)]),
+    cells = [size, method, str(len(values[k])), scaling_tables.number_cell(k), cell(values[k]),
+             *(cell(values[b]) for b in reached), scaling_tables.number_cell(max_kl[(size, method)]),
              scaling_tables.fit_cell(f, "gao_alpha"), scaling_tables.fit_cell(f, "gao_beta")]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("\nGold reward (normalised gold PM score) at KL(policy || initial) = k nats, interpolated "

@@ -17,7 +17,7 @@ from rlhf_jax import storage
 from rlhf_jax.analysis import fits as scaling_fits
 from rlhf_jax.analysis import methods as method_frontier
 from rlhf_jax.analysis.intervals import Interval, bootstrap_difference, format_interval, seeds_note
-from rlhf_jax.analysis.tables import _cell
+from rlhf_jax.analysis.tables import number_cell
 
 BASELINE = "ppo"
 
@@ -61,11 +61,11 @@ def _verdict(iv: Interval) -> str:
 
 
 def format_differences(rows: Sequence[dict]) -> str:
-  fmt = lambda iv: format_interval(iv, lambda v: _cell(float(v)))
+  fmt = lambda iv: format_interval(iv, lambda v: number_cell(float(v)))
   methods, sizes = method_differences(rows), size_differences(rows)
   lines = ["## Methods against PPO: gold reward at the size's common KL", "",
            "| size | method | common KL | gold difference (method - PPO) | verdict |", "|---|---|---|---|---|"]
-  lines += [f"| {d['size']} | {d['method']} | {_cell(d['kl'])} | {fmt(d['difference'])} | "
+  lines += [f"| {d['size']} | {d['method']} | {number_cell(d['kl'])} | {fmt(d['difference'])} | "
             f"{_verdict(d['difference'])} |" for d in methods]
   lines += ["", "## Sizes: slope of gold reward against sqrt(KL), each size against the next smaller", "",
             "| method | sizes | gold slope difference (larger - smaller) | verdict |", "|---|---|---|---|"]

@@ -17,7 +17,8 @@ _TABLE_COLUMNS = (("size", "size"), ("params", "params"), ("method", "method"),
                   ("seeds", "seeds"), ("n", "n points"), ("note", "note"))
 
 
-def _cell(v) -> str:
+def number_cell(v) -> str:
+  """A Markdown table cell: floats to 4 significant digits."""
   if isinstance(v, float):
     return "nan" if math.isnan(v) else f"{v:.4g}"
   return str(v)
@@ -26,9 +27,9 @@ def _cell(v) -> str:
 def fit_cell(fit: dict, key: str) -> str:
   """A fit_all value, with its interval over seeds where it has one."""
   if f"{key}_lo" not in fit:
-    return _cell(fit.get(key, "-"))
+    return number_cell(fit.get(key, "-"))
   iv = Interval(fit[key], fit[f"{key}_lo"], fit[f"{key}_hi"], fit.get("seeds", 1))
-  return format_interval(iv, lambda v: _cell(float(v)))
+  return format_interval(iv, lambda v: number_cell(float(v)))
 
 
 def format_table(fits: Sequence[dict]) -> str:

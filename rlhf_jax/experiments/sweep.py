@@ -87,7 +87,7 @@ from rlhf_jax.experiments.sweep_results import collect_results
 from rlhf_jax.model.config import param_counts
 from rlhf_jax.model.sampling import generate
 from rlhf_jax.trainers.best_of_n import best_of_n
-from rlhf_jax.trainers.ppo_steps import pm_score
+from rlhf_jax.trainers.ppo_steps import pm_score_jitted
 from rlhf_jax.training import sharding as shd
 from rlhf_jax.training.metrics import read_metrics
 
@@ -135,8 +135,8 @@ def gold_labels(policy, gold, tok: Tokenizer, prompts: list[str], *, num_pairs: 
                    np.repeat(batch["attention_mask"], 2, axis=0), key, model=policy.model,
                    max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
                    pad_id=tok.pad_id)
-    scores = shd.to_host(pm_score(gold.model, gold.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens,
-                                  gen.mask, tok.eoc_id)).astype(np.float64).reshape(-1, 2)
+    scores = shd.to_host(pm_score_jitted(gold.model, gold.params, gen.prompt_tokens, gen.prompt_mask, gen.tokens,
+                                         gen.mask, tok.eoc_id)).astype(np.float64).reshape(-1, 2)
     tokens, mask = shd.to_host(gen.tokens), shd.to_host(gen.mask)  # every host writes the same labels
     special = (tok.eos_id, tok.pad_id, tok.eoc_id)
     texts = [tok.decode([t for t, m in zip(row, ok) if m and t not in special]) for row, ok in zip(tokens, mask)]

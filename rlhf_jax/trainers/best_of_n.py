@@ -21,7 +21,7 @@ from absl import flags, logging
 
 from rlhf_jax import hosts, storage
 from rlhf_jax.model.sampling import generate
-from rlhf_jax.trainers.ppo_steps import pm_score
+from rlhf_jax.trainers.ppo_steps import pm_score_jitted
 from rlhf_jax.training import sharding as shd
 
 
@@ -102,8 +102,9 @@ def sample_scores(policy, pms: dict, prompts: dict, n: int, rng: jax.Array, *, m
                          temperature=temperature, eos_id=eos_id, pad_id=pad_id))
   out = {}
   for name, frozen in pms.items():
-    parts = [shd.to_host(pm_score(frozen.model, frozen.params, g.prompt_tokens, g.prompt_mask, g.tokens, g.mask,
-                                  eoc_id)).astype(np.float64).reshape(prompts["tokens"].shape[0], -1) for g in gens]
+    parts = [shd.to_host(pm_score_jitted(frozen.model, frozen.params, g.prompt_tokens, g.prompt_mask, g.tokens,
+                                         g.mask, eoc_id)).astype(np.float64).reshape(prompts["tokens"].shape[0], -1)
+             for g in gens]
     out[name] = np.concatenate(parts, axis=1)
   if with_logp:
     out["_logp"] = np.concatenate([shd.to_host((g.log_probs * g.mask).sum(axis=1)).astype(np.float64).reshape(

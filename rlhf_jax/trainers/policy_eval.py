@@ -61,12 +61,12 @@ def policy_evaluator(policy0: FrozenModel, eval_pms: dict[str, FrozenModel], pro
   sweep (PPO, RLOO, GRPO, DPO) is measured by this one function."""
 
   pm_models = tuple((name, pm.model) for name, pm in eval_pms.items())
+  pm_params = {name: pm.params for name, pm in eval_pms.items()}
+  pm_normalisation = {name: {k: pm.normalisation[k] for k in ("mean", "std")} for name, pm in eval_pms.items()}
 
   def evaluate(params):
     gen = sample(params, prompts["tokens"], prompts["attention_mask"], jax.random.PRNGKey(seed))
-    m = jax.device_get(_measure(params, policy0.params, {name: pm.params for name, pm in eval_pms.items()},
-                                {name: {k: pm.normalisation[k] for k in ("mean", "std")} for name, pm in eval_pms.items()},
-                                gen,
+    m = jax.device_get(_measure(params, policy0.params, pm_params, pm_normalisation, gen,
                                 policy_model=policy0.model, pm_models=pm_models, eoc_id=tok.eoc_id))
     kl = float(m["kl"])
     out = {"eval_kl": kl, "eval_sqrt_kl": float(np.sqrt(max(kl, 0.0))),

@@ -78,6 +78,11 @@ def pm_score(pm_model: Transformer, pm_params, prompt, prompt_mask, response, re
   return read_at(out.scalar, eoc)
 
 
+# pm_score as one program per PM and shape, for callers outside a jitted step (gold labels,
+# best-of-N): op by op, each of its ops compiled on its own.
+pm_score_jitted = jax.jit(pm_score, static_argnums=(0, 6))
+
+
 def joined(params, frozen):
   """The trained models' whole params: with LoRA, each model's adapters and heads over its frozen
   base (frozen = {"policy": ..., "value": ...}); without, params themselves (frozen None)."""
