@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -24,11 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import lm as lm_config  # noqa: E402
 
-# Subprocesses run on 1 CPU device (this test session itself has 8 fake devices). They share a
-# persistent compilation cache: the reference, interrupted and resumed runs compile the same steps.
-ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
-           JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "rlhf_jax_test_compilation_cache"),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+# Subprocesses run on 1 CPU device (this test session itself has 8 fake devices). They inherit the
+# session's compilation cache (tests/conftest.py): the reference, interrupted and resumed runs
+# compile the same steps.
+ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
 SMALL = ["--config.train.batch_size=8", "--config.train.seq_len=64", "--config.data.max_examples=300",
          "--config.mesh.shape=(1,1,1)", "--config.progress_bar=False"]
 

@@ -248,14 +248,14 @@ def _run_one(stage: Stage, workdir: str) -> tuple[float, dict]:
   t0, clock = time.perf_counter(), CompileClock()
   with clock.measuring():
     summary = stage.run(stage_dir)
-  seconds = time.perf_counter() - t0
+  seconds, compiled = time.perf_counter() - t0, clock.record()
   if hosts.is_lead():
     record = {"settings": portable(stage.settings, workdir), "summary": portable(summary, workdir),
-              "seconds": seconds, "compile": clock.record(), "run_id": uuid.uuid4().hex,
+              "seconds": seconds, "compile": compiled, "run_id": uuid.uuid4().hex,
               "inputs": {name: fingerprint(storage.join(workdir, name)) for name in stage.inputs}}
     storage.write_atomic(storage.join(stage_dir, STAGE_DONE), json.dumps(record, indent=2))
   barrier(stage.name)
-  return seconds, clock.record()
+  return seconds, compiled
 
 
 def run_stages(stages: list[Stage], workdir: str, *, stop_after: str = "") -> dict[str, float]:
